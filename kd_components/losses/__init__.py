@@ -1,0 +1,6 @@
+"""Distillation losses.
+
+Every loss is an ``nn.Module`` whose ``forward`` takes student-side tensors first and teacher-side tensors second,
+shaped ``(B, C, *spatial)`` with one, two or three spatial dimensions, and returns a scalar. Teacher tensors are
+detached inside each loss, so no gradient can reach the teacher whatever the caller passes.
+"""
