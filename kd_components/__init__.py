@@ -1,0 +1,49 @@
+"""Knowledge-distillation components for MONAI segmentation bundles.
+
+The pieces a bundle config instantiates:
+
+- :class:`FeatureTaps`: record the outputs of named submodules of any network;
+- :class:`FeatureAdapter`: align a student feature to a teacher feature (channels and size, 2D/3D);
+- :class:`DistillationTerm` and :class:`Distiller`: a distillation setup as a list of weighted loss terms;
+- :class:`DistillationTrainer`: MONAI's ``SupervisedTrainer`` with a frozen teacher and those terms;
+- :mod:`kd_components.losses`: the distillation losses.
+"""
+
+from kd_components.adapters import FeatureAdapter, match_spatial_size
+from kd_components.distiller import Distiller
+from kd_components.schedules import LinearWarmup
+from kd_components.taps import FeatureTaps, TapNotFoundError, list_tap_candidates, resolve_module, unwrap_network
+from kd_components.terms import DistillationTerm
+from kd_components.trainer import SUPERVISED, DistillationTrainer, term_output_key
+from kd_components.utils import (
+    backup_existing,
+    count_parameters,
+    freeze,
+    load_state_dict_file,
+    load_teacher,
+    wrap_ddp_if_trainable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeatureTaps",
+    "TapNotFoundError",
+    "list_tap_candidates",
+    "resolve_module",
+    "unwrap_network",
+    "FeatureAdapter",
+    "match_spatial_size",
+    "DistillationTerm",
+    "Distiller",
+    "LinearWarmup",
+    "DistillationTrainer",
+    "SUPERVISED",
+    "term_output_key",
+    "backup_existing",
+    "count_parameters",
+    "freeze",
+    "load_state_dict_file",
+    "load_teacher",
+    "wrap_ddp_if_trainable",
+]

@@ -1,0 +1,121 @@
+"""The distiller: a set of distillation terms and the trainable modules they own (adapters, translators)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from kd_components.adapters import FeatureAdapter
+from kd_components.taps import FeatureTaps, unwrap_network
+from kd_components.terms import DistillationTerm
+
+__all__ = ["Distiller"]
+
+
+class Distiller(nn.Module):
+    """Hold the distillation terms of a run and compute them from the student's and teacher's tensors.
+
+    The distiller owns every trainable module of the distillation (automatic adapters, translators, generators
+    inside losses) but never the student or the teacher: ``distiller.parameters()`` is exactly what must be
+    added to the student's optimizer. It does not run the networks either; :class:`DistillationTrainer` does,
+    once per step, and hands the outputs and taps to :meth:`forward`.
+
+    Automatic adapters (a term's ``align``) need the channel counts of the tensors they connect. They are found
+    by one forward pass of each network on zeros of ``example_input_shape`` when the distiller is built.
+
+    Args:
+        terms: the distillation terms; names must be unique.
+        student: the student network; needed only when a term has ``align``.
+        teacher: the teacher network; needed only when a term has ``align``.
+        example_input_shape: input shape (with batch and channel) of the probe pass, e.g. ``(1, 3, 64, 64)``.
+    """
+
+    def __init__(
+        self,
+        terms: Sequence[DistillationTerm],
+        student: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        example_input_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        names = [t.name for t in terms]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"distillation term names must be unique; repeated: {duplicates}")
+        self.terms = nn.ModuleList(terms)
+        if any(t.align for t in self.terms):
+            self._build_adapters(student, teacher, example_input_shape)
+
+    def taps(self, kind: str) -> list[str]:
+        """Every tap name the terms read from ``kind`` (``"student"`` or ``"teacher"``), without repeats."""
+        return list(dict.fromkeys(tap for term in self.terms for tap in term.taps(kind)))
+
+    def uses(self, kind: str) -> bool:
+        """Whether any term reads the output or a tap of ``kind``."""
+        return any(term.uses(kind) for term in self.terms)
+
+    def _build_adapters(
+        self, student: nn.Module | None, teacher: nn.Module | None, example_input_shape: Sequence[int] | None
+    ) -> None:
+        if student is None or teacher is None or example_input_shape is None:
+            raise ValueError(
+                "a distillation term uses 'align' (automatic adapters): give the Distiller `student`, `teacher` "
+                "and `example_input_shape` (e.g. [1, 3, 64, 64]) so it can find the channel counts to connect."
+            )
+        shapes = {
+            **probe_shapes(student, "student", self.taps("student"), example_input_shape),
+            **probe_shapes(teacher, "teacher", self.taps("teacher"), example_input_shape),
+        }
+        for term in self.terms:
+            for arg, ref in term.align.items():
+                src, ref_src = term.inputs[arg], term.inputs[ref]
+                if src not in shapes or ref_src not in shapes:
+                    raise ValueError(f"term {term.name!r}: align works between network outputs and taps, not {src!r}")
+                in_shape, out_shape = shapes[src], shapes[ref_src]
+                if len(in_shape) != len(out_shape):
+                    raise ValueError(
+                        f"term {term.name!r}: cannot align {src!r} of shape {in_shape} to {ref_src!r} of shape "
+                        f"{out_shape}: they differ in the number of dimensions"
+                    )
+                term.adapters[arg] = FeatureAdapter(in_shape[1], out_shape[1], spatial_dims=len(in_shape) - 2)
+
+    def forward(self, sources: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Compute every term, unweighted.
+
+        Args:
+            sources: ``{source string: tensor}``, e.g. ``{"student": logits, "teacher:model.2": feature, ...}``.
+
+        Returns:
+            ``{term name: scalar loss}``.
+        """
+        return {term.name: term(sources) for term in self.terms}
+
+
+def probe_shapes(
+    network: nn.Module, kind: str, taps: Sequence[str], example_input_shape: Sequence[int]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of a network's output and of its taps for one input of ``example_input_shape``.
+
+    Args:
+        network: the network to probe; it is run once in eval mode without gradients.
+        kind: ``"student"`` or ``"teacher"``; the keys of the result are source strings of this kind.
+        taps: the tap names to measure.
+        example_input_shape: the probe input's shape, e.g. ``(1, 3, 64, 64)``.
+    """
+    net = unwrap_network(network)
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = net.training
+    with FeatureTaps(net, taps, owner=kind) as recorder, torch.no_grad():
+        net.eval()
+        try:
+            out = net(torch.zeros(*example_input_shape, device=device))
+        finally:
+            net.train(was_training)
+        shapes = {f"{kind}:{name}": tuple(recorder[name].shape) for name in taps}
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    shapes[kind] = tuple(out.shape)
+    return shapes

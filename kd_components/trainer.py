@@ -1,0 +1,229 @@
+"""DistillationTrainer: MONAI's SupervisedTrainer with a frozen teacher and weighted distillation terms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.data import MetaTensor
+from monai.engines import SupervisedTrainer
+from monai.handlers import MLFlowHandler
+from monai.utils import CommonKeys as Keys
+from torch import nn
+from torch.optim import Optimizer
+
+from kd_components.distiller import Distiller
+from kd_components.taps import FeatureTaps, unwrap_network
+from kd_components.utils import count_parameters, freeze
+
+__all__ = ["DistillationTrainer", "SUPERVISED", "term_output_key"]
+
+SUPERVISED = "supervised"
+"""Name under which the supervised loss is reported beside the distillation terms."""
+
+
+def term_output_key(name: str) -> str:
+    """The engine-output key of a loss term's unweighted value: ``"loss_<name>"``.
+
+    Keys are flat (not a nested dict) so that MONAI's per-sample decollation of the output keeps them.
+    """
+    return f"loss_{name}"
+
+
+logger = logging.getLogger(__name__)
+
+
+def _plain(x: Any) -> Any:
+    """Drop MONAI's metadata wrapper (keeps autograd) so losses run on plain tensors."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+class DistillationTrainer(SupervisedTrainer):
+    """Train a student with its supervised loss plus weighted distillation terms from a frozen teacher.
+
+    The training loop is MONAI's :class:`~monai.engines.SupervisedTrainer` unchanged (AMP, gradient accumulation,
+    events, handlers); the trainer only supplies the loss. For each iteration, inside the same autocast as the
+    student:
+
+    1. the student runs (by ``SupervisedTrainer``); forward hooks record the student taps the terms read;
+    2. the teacher runs once, in eval mode and without autograd, recording its taps;
+    3. the loss is ``supervised_weight * loss_function(pred, label)`` plus each term's scheduled weight times
+       its value; every tap is released as soon as the loss is built.
+
+    The engine output carries the total under ``"loss"`` and every unweighted term under ``"loss_<name>"``
+    (the supervised loss as ``"loss_supervised"``); at the end of each epoch, their epoch means are written to
+    ``engine.state.metrics`` as ``train_<name>`` so that ``StatsHandler`` and ``MLFlowHandler`` (``--tracking mlflow``) record them. Any
+    ``MLFlowHandler`` among ``train_handlers`` also records the distillation settings as run parameters.
+
+    Args:
+        device: the device the engine runs on.
+        max_epochs: number of training epochs.
+        train_data_loader: the training data loader.
+        network: the student network (possibly wrapped in ``DistributedDataParallel``).
+        optimizer: the optimizer of the student and of ``distiller.parameters()``; the teacher must not be in it.
+        loss_function: the supervised loss ``(pred, label) -> loss``.
+        teacher: the trained teacher network; it is frozen here (eval mode, ``requires_grad=False``).
+        distiller: the :class:`Distiller` holding the terms (possibly wrapped in ``DistributedDataParallel``).
+        supervised_weight: the weight of the supervised loss (e.g. ``1 - alpha`` in KDAS).
+        check_finite: raise a clear error naming the term when the loss becomes NaN or infinite.
+        train_handlers: handlers attached after the trainer's own bookkeeping handlers.
+        kwargs: every other argument of :class:`~monai.engines.SupervisedTrainer`.
+
+    Raises:
+        ValueError: when the teacher's parameters are in the optimizer, or when trainable distillation modules
+            (adapters) are missing from it.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable,
+        teacher: nn.Module,
+        distiller: Distiller | nn.Module,
+        supervised_weight: float = 1.0,
+        check_finite: bool = True,
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=self._distillation_loss,
+            train_handlers=None,
+            **kwargs,
+        )
+        self.supervised_loss = loss_function
+        self.supervised_weight = float(supervised_weight)
+        self.check_finite = check_finite
+        self.teacher = freeze(teacher)
+        self.distiller = distiller
+        terms = unwrap_network(distiller)
+        if not isinstance(terms, Distiller):
+            raise TypeError(f"distiller must be a kd_components.Distiller, got {type(terms).__name__}")
+        self._terms = terms
+        if any(t.name == SUPERVISED for t in terms.terms):
+            raise ValueError(f"{SUPERVISED!r} is reserved for the supervised loss: rename that distillation term")
+        _check_optimizer(optimizer, teacher, terms)
+        self._needs_teacher = terms.uses("teacher")
+        self.student_taps = FeatureTaps(network, terms.taps("student"), owner="student")
+        self.teacher_taps = FeatureTaps(teacher, terms.taps("teacher"), owner="teacher")
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self.add_event_handler(Events.EPOCH_STARTED, self._reset_epoch_means)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._write_epoch_means)
+        handlers = list(train_handlers or [])
+        settings = self.distillation_settings()
+        for handler in handlers:
+            if isinstance(handler, MLFlowHandler):
+                handler.experiment_param = {**settings, **(handler.experiment_param or {})}
+        if handlers:
+            self._register_handlers(handlers)
+
+    def distillation_settings(self) -> dict[str, Any]:
+        """The distillation setup as flat ``{name: value}`` parameters (recorded in MLflow)."""
+        settings: dict[str, Any] = {
+            "kd.teacher": type(unwrap_network(self.teacher)).__name__,
+            "kd.teacher_params": count_parameters(self.teacher),
+            "kd.student": type(unwrap_network(self.network)).__name__,
+            "kd.student_params": count_parameters(self.network),
+            "kd.supervised_weight": self.supervised_weight,
+            "kd.terms": ",".join(t.name for t in self._terms.terms),
+        }
+        for term in self._terms.terms:
+            prefix = f"kd.{term.name}"
+            settings[f"{prefix}.loss"] = _describe(term.loss)
+            settings[f"{prefix}.weight"] = term.weight
+            settings[f"{prefix}.inputs"] = ", ".join(f"{a}={s}" for a, s in term.inputs.items())
+            if term.schedule is not None:
+                settings[f"{prefix}.schedule"] = repr(term.schedule)
+            if term.align:
+                settings[f"{prefix}.align"] = ", ".join(f"{a}->{r}" for a, r in term.align.items())
+        return settings
+
+    def _distillation_loss(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The loss ``SupervisedTrainer`` calls after the student's forward pass (inside its autocast)."""
+        image = self.state.output[Keys.IMAGE]
+        sources: dict[str, torch.Tensor] = {"student": _plain(pred), "label": _plain(label), "image": _plain(image)}
+        try:
+            for name in self.student_taps.names:
+                sources[f"student:{name}"] = _plain(self.student_taps[name])
+            if self._needs_teacher:
+                self.teacher.eval()
+                with torch.no_grad():
+                    sources["teacher"] = _plain(self.inferer(image, self.teacher))
+                for name in self.teacher_taps.names:
+                    sources[f"teacher:{name}"] = _plain(self.teacher_taps[name])
+            supervised = self.supervised_loss(pred, label).mean()
+            values = self.distiller(sources)
+        finally:
+            self.student_taps.clear()
+            self.teacher_taps.clear()
+        total = self.supervised_weight * supervised
+        for term in self._terms.terms:
+            total = total + term.weight_at(self.state.iteration, self.state.epoch) * values[term.name]
+        terms = {SUPERVISED: supervised.detach(), **{k: v.detach() for k, v in values.items()}}
+        for name, value in terms.items():
+            self.state.output[term_output_key(name)] = value
+        if self.check_finite and not bool(torch.isfinite(total)):
+            self._raise_non_finite(terms)
+        self._accumulate(terms)
+        return total
+
+    def _raise_non_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        bad = [f"{k}={float(v):.4g}" for k, v in terms.items() if not bool(torch.isfinite(v))]
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        raise FloatingPointError(
+            f"non-finite loss at epoch {self.state.epoch}, iteration {self.state.iteration}: "
+            f"{', '.join(bad) or 'the total'} "
+            f"(all terms: {values}). Lower the learning rate or the weight of the failing term, check the inputs for "
+            "NaN/inf (intensity scaling), or turn AMP off to see whether float16 overflows."
+        )
+
+    def _accumulate(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value.float()
+        self._count += 1
+
+    def _reset_epoch_means(self) -> None:
+        self._sums = {}
+        self._count = 0
+
+    def _write_epoch_means(self) -> None:
+        for name, total in self._sums.items():
+            self.state.metrics[f"train_{name}"] = float(total) / max(self._count, 1)
+
+
+def _describe(loss: Any) -> str:
+    """``ClassName(a=1, b=2)`` from a loss's public scalar attributes (short enough for an MLflow parameter)."""
+    fields = {
+        k: v
+        for k, v in vars(loss).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))
+    }
+    return f"{type(loss).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(fields.items()))})"[:500]
+
+
+def _check_optimizer(optimizer: Optimizer, teacher: nn.Module, distiller: Distiller) -> None:
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) in in_optimizer for p in teacher.parameters()):
+        raise ValueError(
+            "the teacher's parameters are in the optimizer: the teacher must stay frozen. Build the optimizer from "
+            "the student's and the distiller's parameters only, e.g. "
+            '"params": "$list(@network.parameters()) + list(@distiller.parameters())".'
+        )
+    missing = [n for n, p in distiller.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if missing:
+        raise ValueError(
+            f"trainable distillation modules are not in the optimizer (e.g. {missing[:3]}): they would never learn. "
+            'Add them: "params": "$list(@network.parameters()) + list(@distiller.parameters())".'
+        )

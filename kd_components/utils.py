@@ -1,0 +1,157 @@
+"""Helpers used from bundle configs: teacher loading, freezing, DDP wrapping, never losing a user's files."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd_components.taps import unwrap_network
+
+__all__ = [
+    "count_parameters",
+    "freeze",
+    "load_state_dict_file",
+    "load_teacher",
+    "backup_existing",
+    "wrap_ddp_if_trainable",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``network`` (looking through a data-parallel wrapper).
+
+    Args:
+        network: the network.
+        trainable_only: count only parameters with ``requires_grad``.
+    """
+    params = unwrap_network(network).parameters()
+    return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+
+def freeze(network: nn.Module) -> nn.Module:
+    """Put ``network`` in eval mode and stop its parameters from recording gradients; returns it."""
+    network.eval()
+    network.requires_grad_(False)
+    return network
+
+
+def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> Mapping[str, torch.Tensor]:
+    """Read a state dict with ``torch.load(weights_only=True)``.
+
+    Accepts a plain state dict, or a MONAI ``CheckpointSaver`` file holding several objects (its ``"model"``
+    entry is used). A ``module.`` prefix left by ``DistributedDataParallel`` is removed.
+
+    Args:
+        path: the checkpoint file.
+        what: how to call the file in error messages (e.g. ``"teacher checkpoint"``).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt / non-weights files
+        raise ValueError(f"{what} {path} could not be read as weights ({type(err).__name__}: {err})") from err
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} {path} holds a {type(state).__name__}, not a state dict")
+    if "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_teacher(
+    network: nn.Module, checkpoint: str | Path, device: str | torch.device | None = None, hint: str = ""
+) -> nn.Module:
+    """Load trained teacher weights strictly, move the teacher to ``device`` and freeze it.
+
+    Args:
+        network: the teacher architecture (e.g. the bundle's ``teacher_def``).
+        checkpoint: path of the teacher's state dict, written by the bundle's teacher-training stage.
+        device: where the teacher should run.
+        hint: what the user should do when the file is missing (e.g. the command that trains the teacher).
+
+    Raises:
+        FileNotFoundError: when ``checkpoint`` does not exist.
+        ValueError: when its keys or shapes do not fit ``network`` (the differing keys are listed).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        todo = hint or "train the teacher first (the bundle's teacher-training stage) or point `teacher_ckpt` to it"
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}. To fix: {todo}.")
+    state = load_state_dict_file(path, "teacher checkpoint")
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"teacher checkpoint {path} does not fit {type(network).__name__}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}. It was trained with another "
+            "architecture: make `teacher_def` the network the teacher-training stage used."
+        )
+    network.load_state_dict(state)
+    if device is not None:
+        network.to(device)
+    return freeze(network)
+
+
+def backup_existing(paths: Sequence[str | Path] | str | Path, backup_dir: str | Path | None = None) -> list[Path]:
+    """Move files a run is about to overwrite into a timestamped backup, so nothing the user made is lost.
+
+    Call it in a config's ``initialize`` for every file the run writes at a fixed path (e.g. ``models/model.pt``).
+
+    Args:
+        paths: the files the run will write.
+        backup_dir: where backups go; default: a ``backup`` folder beside each file.
+
+    Returns:
+        the backup paths created (empty when nothing existed).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            continue
+        folder = Path(backup_dir) if backup_dir is not None else p.parent / "backup"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{p.stem}.{stamp}{p.suffix}"
+        n = 1
+        while target.exists():
+            target = folder / f"{p.stem}.{stamp}-{n}{p.suffix}"
+            n += 1
+        shutil.move(str(p), str(target))
+        logger.warning("%s existed and would be overwritten by this run: moved to %s", p, target)
+        moved.append(target)
+    return moved
+
+
+def wrap_ddp_if_trainable(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Wrap ``module`` in ``DistributedDataParallel`` when it has trainable parameters (adapters, discriminators).
+
+    DDP refuses modules with nothing to train (e.g. a distiller of logit-only terms): those are returned as they
+    are, moved to ``device``.
+
+    Args:
+        module: the module (e.g. the bundle's ``distiller``).
+        device: this rank's device; CUDA devices are passed to DDP as ``device_ids``.
+    """
+    device = torch.device(device)
+    module = module.to(device)
+    if not any(p.requires_grad for p in module.parameters()):
+        return module
+    device_ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
