@@ -55,8 +55,9 @@ class DistillationTrainer(SupervisedTrainer):
 
     The engine output carries the total under ``"loss"`` and every unweighted term under ``"loss_<name>"``
     (the supervised loss as ``"loss_supervised"``); at the end of each epoch, their epoch means are written to
-    ``engine.state.metrics`` as ``train_<name>`` so that ``StatsHandler`` and ``MLFlowHandler`` (``--tracking mlflow``) record them. Any
-    ``MLFlowHandler`` among ``train_handlers`` also records the distillation settings as run parameters.
+    ``engine.state.metrics`` as ``train_<name>`` so that ``StatsHandler`` and ``MLFlowHandler``
+    (``--tracking mlflow``) record them. Any ``MLFlowHandler`` among ``train_handlers`` also records the
+    distillation settings as run parameters.
 
     Args:
         device: the device the engine runs on.
