@@ -21,6 +21,7 @@ from kd_components.utils import (
     freeze,
     load_state_dict_file,
     load_teacher,
+    require_file,
     wrap_ddp_if_trainable,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "freeze",
     "load_state_dict_file",
     "load_teacher",
+    "require_file",
     "wrap_ddp_if_trainable",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "freeze",
     "load_state_dict_file",
     "load_teacher",
+    "require_file",
     "backup_existing",
     "wrap_ddp_if_trainable",
 ]
@@ -67,6 +68,23 @@ def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> Mapping[
     return state
 
 
+def require_file(path: str | Path, what: str, todo: str) -> Path:
+    """Fail early, with what to do, when a file a run needs is missing.
+
+    Args:
+        path: the file.
+        what: what the file is, e.g. ``"teacher checkpoint"``.
+        todo: what the user should do to get it.
+
+    Raises:
+        FileNotFoundError: naming ``what``, ``path`` and ``todo``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. To fix: {todo}.")
+    return path
+
+
 def load_teacher(
     network: nn.Module, checkpoint: str | Path, device: str | torch.device | None = None, hint: str = ""
 ) -> nn.Module:
@@ -82,10 +100,8 @@ def load_teacher(
         FileNotFoundError: when ``checkpoint`` does not exist.
         ValueError: when its keys or shapes do not fit ``network`` (the differing keys are listed).
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        todo = hint or "train the teacher first (the bundle's teacher-training stage) or point `teacher_ckpt` to it"
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}. To fix: {todo}.")
+    todo = hint or "train the teacher first (the bundle's teacher-training stage) or point `teacher_ckpt` to it"
+    path = require_file(checkpoint, "teacher checkpoint", todo)
     state = load_state_dict_file(path, "teacher checkpoint")
     own = network.state_dict()
     missing = [k for k in own if k not in state]
