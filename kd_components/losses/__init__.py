@@ -4,3 +4,7 @@ Every loss is an ``nn.Module`` whose ``forward`` takes student-side tensors firs
 shaped ``(B, C, *spatial)`` with one, two or three spatial dimensions, and returns a scalar. Teacher tensors are
 detached inside each loss, so no gradient can reach the teacher whatever the caller passes.
 """
+
+from .kdas import KDASAttentionLoss as KDASAttentionLoss
+from .kdas import KDASSGMLoss as KDASSGMLoss
+from .kdas import StructureLoss as StructureLoss
