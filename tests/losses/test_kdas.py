@@ -20,6 +20,11 @@ from tests.helpers import (
 DTYPES = (torch.bfloat16, torch.float16)
 
 
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
 def _pair(shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"student": torch.randn(shape, generator=g), "teacher": torch.randn(shape, generator=g)}
@@ -118,17 +123,18 @@ def test_attention_flip_invariance_and_channel_selection() -> None:
 
 
 def test_sgm_symmetrise_and_transpose_invariance() -> None:
-    m = torch.randn(1, 1, 3, 3)
-    assert torch.allclose(symmetrise(m), m + m.transpose(-1, -2))
-    v = torch.randn(1, 1, 3, 3, 3)
-    sv = symmetrise(v)
-    assert torch.allclose(sv, sv.permute(0, 1, 3, 2, 4)) and torch.allclose(sv, sv.permute(0, 1, 4, 3, 2))
+    g = torch.Generator().manual_seed(7)
+    m = torch.randn(1, 1, 3, 3, generator=g)
+    assert torch.allclose(symmetrise(m), m + m.transpose(-1, -2), atol=1e-6)
+    sv = symmetrise(torch.randn(1, 1, 3, 3, 3, generator=g))
+    assert torch.allclose(sv, sv.permute(0, 1, 3, 2, 4), atol=1e-6)
+    assert torch.allclose(sv, sv.permute(0, 1, 4, 3, 2), atol=1e-6)
     const = torch.full((1, 1, 2, 2, 2), 1.5)
     assert torch.allclose(symmetrise(const), 2 * const)  # same scale as P + P^T
     inputs = _pair((2, 1, 7, 7), seed=5)
     loss = KDASSGMLoss()
     base = loss(**inputs)
-    assert torch.allclose(base, loss(inputs["student"].transpose(-1, -2), inputs["teacher"]))
+    assert torch.allclose(base, loss(inputs["student"].transpose(-1, -2), inputs["teacher"]), rtol=1e-5)
     vol = _pair((1, 1, 4, 4, 4), seed=6)
     assert torch.allclose(loss(**vol), loss(vol["student"].permute(0, 1, 4, 2, 3), vol["teacher"]), rtol=1e-5)
     # not transpose-invariant in general without the symmetrisation
