@@ -8,3 +8,7 @@ detached inside each loss, so no gradient can reach the teacher whatever the cal
 from .kdas import KDASAttentionLoss as KDASAttentionLoss
 from .kdas import KDASSGMLoss as KDASSGMLoss
 from .kdas import StructureLoss as StructureLoss
+from .logit import DIST as DIST
+from .logit import ChannelWiseDistillation as ChannelWiseDistillation
+from .logit import LogitKD as LogitKD
+from .logit import PixelWiseKD as PixelWiseKD
