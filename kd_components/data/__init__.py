@@ -1,0 +1,70 @@
+"""Dataset preparation for the bundles, and synthetic data.
+
+Every preparer writes the same layout, read by the bundles through ``monai.data.load_decathlon_datalist``::
+
+    <out>/images/<name>.png    <out>/labels/<name>.png    <out>/datalist.json (training / validation / test)
+
+- :mod:`kd_components.data.common`: seeded file-name-based split, image/mask pairing, datalist writing, guarded
+  output folder, :class:`DatasetError`;
+- :mod:`kd_components.data.polyp`: Kvasir-SEG and CVC-ClinicDB (``python -m kd_components.data.polyp --help``);
+- :mod:`kd_components.data.synthetic`: synthetic polyp-like data (``python -m kd_components.data.synthetic --help``).
+"""
+
+from kd_components.data.common import (
+    DATALIST_NAME,
+    DEFAULT_FRACTIONS,
+    IMAGES_DIR,
+    LABELS_DIR,
+    SPLIT_KEYS,
+    DatasetError,
+    DatasetWarning,
+    check_output_dir,
+    datalist_entries,
+    list_files,
+    pair_by_stem,
+    save_png,
+    split_counts,
+    split_names,
+    staged_output,
+    validate_fractions,
+    write_datalist,
+)
+
+_LAZY = {
+    "prepare_polyp_data": "kd_components.data.polyp",
+    "make_synthetic_polyps": "kd_components.data.synthetic",
+    "synthetic_polyp_arrays": "kd_components.data.synthetic",
+}
+
+
+def __getattr__(name: str):
+    """Import the preparers on first use, so ``python -m kd_components.data.polyp`` runs without a warning."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DATALIST_NAME",
+    "DEFAULT_FRACTIONS",
+    "IMAGES_DIR",
+    "LABELS_DIR",
+    "SPLIT_KEYS",
+    "DatasetError",
+    "DatasetWarning",
+    "check_output_dir",
+    "datalist_entries",
+    "list_files",
+    "make_synthetic_polyps",
+    "pair_by_stem",
+    "prepare_polyp_data",
+    "save_png",
+    "split_counts",
+    "split_names",
+    "staged_output",
+    "synthetic_polyp_arrays",
+    "validate_fractions",
+    "write_datalist",
+]
