@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kd_components.adapters import FeatureAdapter
-from kd_components.taps import FeatureTaps, unwrap_network
+from kd_components.taps import FeatureTaps, eval_mode, unwrap_network
 from kd_components.terms import DistillationTerm
 
 __all__ = ["Distiller"]
@@ -72,7 +72,8 @@ class Distiller(nn.Module):
             for arg, ref in term.align.items():
                 src, ref_src = term.inputs[arg], term.inputs[ref]
                 if src not in shapes or ref_src not in shapes:
-                    raise ValueError(f"term {term.name!r}: align works between network outputs and taps, not {src!r}")
+                    bad = src if src not in shapes else ref_src
+                    raise ValueError(f"term {term.name!r}: align works between network outputs and taps, not {bad!r}")
                 in_shape, out_shape = shapes[src], shapes[ref_src]
                 if len(in_shape) != len(out_shape):
                     raise ValueError(
@@ -107,13 +108,9 @@ def probe_shapes(
     net = unwrap_network(network)
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = net.training
     with FeatureTaps(net, taps, owner=kind) as recorder, torch.no_grad():
-        net.eval()
-        try:
+        with eval_mode(net):
             out = net(torch.zeros(*example_input_shape, device=device))
-        finally:
-            net.train(was_training)
         shapes = {f"{kind}:{name}": tuple(recorder[name].shape) for name in taps}
     if isinstance(out, (tuple, list)):
         out = out[0]

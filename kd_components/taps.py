@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -128,6 +129,22 @@ class FeatureTaps:
         self.remove()
 
 
+@contextmanager
+def eval_mode(network: nn.Module) -> Iterator[nn.Module]:
+    """Put ``network`` in eval mode for a probe, then restore every submodule's own train/eval flag.
+
+    ``network.train(was_training)`` would not do: it would also flip submodules deliberately kept in the other
+    mode (e.g. a frozen encoder in eval mode inside a training student).
+    """
+    modes = [(m, m.training) for m in network.modules()]
+    network.eval()
+    try:
+        yield network
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def list_tap_candidates(
     network: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu"
 ) -> list[tuple[str, str, tuple[int, ...] | None]]:
@@ -145,10 +162,8 @@ def list_tap_candidates(
     net = unwrap_network(network)
     names = [n for n, _ in net.named_modules() if n]
     taps = FeatureTaps(net, names)
-    was_training = net.training
-    net.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(net), torch.no_grad():
             net.to(device)(torch.zeros(*input_shape, device=device))
         modules = dict(net.named_modules())
         rows = []
@@ -159,4 +174,3 @@ def list_tap_candidates(
         return rows
     finally:
         taps.remove()
-        net.train(was_training)
