@@ -5,6 +5,8 @@ shaped ``(B, C, *spatial)`` with one, two or three spatial dimensions, and retur
 detached inside each loss, so no gradient can reach the teacher whatever the caller passes.
 """
 
+from .affinity import CIRKDLoss as CIRKDLoss
+from .affinity import PairWiseAffinityLoss as PairWiseAffinityLoss
 from .kdas import KDASAttentionLoss as KDASAttentionLoss
 from .kdas import KDASSGMLoss as KDASSGMLoss
 from .kdas import StructureLoss as StructureLoss

@@ -7,7 +7,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_spatial", "clip_grid", "adaptive_pool"]
+__all__ = ["autocast_off", "check_spatial", "clip_grid", "adaptive_pool"]
+
+
+def autocast_off(x: torch.Tensor) -> torch.autocast:
+    """A context that disables autocast on ``x``'s device, so matrix products of float32 inputs stay float32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def check_spatial(x: torch.Tensor, name: str) -> int:
