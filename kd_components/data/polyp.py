@@ -217,7 +217,9 @@ def _read_any(path: Path) -> np.ndarray:
             try:
                 array = tifffile.imread(path, key=0)
             except Exception:
-                array = _read_pil(path)  # for example JPEG-compressed TIFFs without imagecodecs
+                with warnings.catch_warnings():  # for example JPEG-compressed TIFFs without imagecodecs
+                    warnings.simplefilter("ignore")
+                    array = _read_pil(path)
         else:
             array = _read_pil(path)
     except Exception as err:
