@@ -1,0 +1,166 @@
+"""N-D discriminators for adversarial distillation: SAGAN-style (global score) and PatchGAN-style (score map)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers import Act, Conv, Norm
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+__all__ = ["PatchDiscriminator", "SelfAttentionBlock", "SelfAttentionDiscriminator"]
+
+
+def _maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
+    return _spectral_norm(module) if enabled else module
+
+
+class SelfAttentionBlock(nn.Module):
+    """SAGAN self-attention over all spatial positions of an N-D feature, with a learned residual gate.
+
+    ``out = x + γ · V softmax(QᵀK)ᵀ`` where Q, K (C/r channels) and V (C channels) are 1×1(×1) convolutions of x
+    over the flattened positions, and γ is a learned scalar initialised to 0 (the block starts as the identity).
+    Memory is O(B·N²) for N positions: place it on coarse feature maps, especially in 3D. Computed with explicit
+    matrix products (not fused attention kernels) so that second derivatives exist, as WGAN-GP needs.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        channels: input and output channels C.
+        reduction: r, the channel reduction of the query and key projections.
+        spectral_norm: wrap the three projections in spectral normalisation.
+
+    Reference:
+        Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 8, spectral_norm: bool = True) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        inner = max(1, channels // reduction)
+        self.query = _maybe_sn(conv(channels, inner, kernel_size=1), spectral_norm)
+        self.key = _maybe_sn(conv(channels, inner, kernel_size=1), spectral_norm)
+        self.value = _maybe_sn(conv(channels, channels, kernel_size=1), spectral_norm)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) → (B, C, *S)."""
+        q = self.query(x).flatten(2)  # (B, C', N)
+        k = self.key(x).flatten(2)  # (B, C', N)
+        v = self.value(x).flatten(2)  # (B, C, N)
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (B, N query, N key)
+        out = v @ attention.transpose(1, 2)  # (B, C, N query)
+        return x + self.gamma * out.view_as(x)
+
+
+class SelfAttentionDiscriminator(nn.Module):
+    """SAGAN-style N-D discriminator with one global score per sample (Graph Flow / Structured KD holistic term).
+
+    Strided spectral-norm convolutions (kernel 3, stride 2, padding 1, LeakyReLU 0.1) double the width at each
+    block; self-attention blocks follow the blocks listed in ``attention_blocks``; a global average pool and a
+    spectral-norm linear layer give the score. Optional ``tanh`` pre-processing squashes unbounded inputs such as
+    logits (Graph Flow's choice). Kernel 3 (instead of SAGAN's 4) and global pooling (instead of a final 4×4 conv)
+    make it work for any input size, thin or one-slice volumes included.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels (e.g. the number of classes, plus image channels for a conditional critic).
+        channels: widths of the downsampling blocks.
+        attention_blocks: indices of the blocks followed by self-attention (SAGAN: the last two).
+        tanh_inputs: apply ``tanh`` to the input first.
+        negative_slope: LeakyReLU slope.
+
+    Shapes:
+        input (B, in_channels, *S) → output (B, 1).
+
+    Reference:
+        Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019; Zou et al., Graph Flow, TMI 2023.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int] = (64, 128, 256, 512),
+        attention_blocks: Sequence[int] = (2, 3),
+        tanh_inputs: bool = False,
+        negative_slope: float = 0.1,
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        n = len(channels)
+        wanted = {i % n for i in attention_blocks}
+        self.preprocess: nn.Module = nn.Tanh() if tanh_inputs else nn.Identity()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for i, out in enumerate(channels):
+            layers += [
+                _spectral_norm(conv(width, out, kernel_size=3, stride=2, padding=1)),
+                Act[Act.LEAKYRELU](negative_slope=negative_slope),
+            ]
+            if i in wanted:
+                layers.append(SelfAttentionBlock(spatial_dims, out))
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.head = _spectral_norm(nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, *S) → (B, 1) scores."""
+        h = self.features(self.preprocess(x))
+        return self.head(h.flatten(2).mean(dim=2))
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN-style N-D discriminator: a map of scores, one per receptive-field patch.
+
+    ``num_layers`` strided convolutions (kernel ``kernel_size``, stride 2, padding 1) doubling the width up to 8×
+    ``channels``, one stride-1 convolution, then a stride-1 convolution to one channel; LeakyReLU(0.2) between
+    them. Spectral normalisation on every convolution (optional) and an optional MONAI norm after all but the first
+    and the last convolution (pix2pix uses batch/instance norm without spectral norm).
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels.
+        channels: width of the first convolution.
+        num_layers: number of stride-2 convolutions (pix2pix: 3, a 70×70 receptive field in 2D).
+        kernel_size: convolution kernel size (pix2pix: 4; use 3 for thin inputs).
+        spectral_norm: wrap every convolution in spectral normalisation.
+        norm: optional MONAI norm name (e.g. ``"instance"``, ``"batch"``).
+        negative_slope: LeakyReLU slope.
+
+    Shapes:
+        input (B, in_channels, *S) → output (B, 1, *S') with S' ≈ S / 2**num_layers.
+
+    Reference:
+        Isola et al., "Image-to-Image Translation with Conditional Adversarial Networks", CVPR 2017.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: int = 64,
+        num_layers: int = 3,
+        kernel_size: int = 4,
+        spectral_norm: bool = True,
+        norm: str | None = None,
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        widths = [in_channels] + [channels * min(2**i, 8) for i in range(num_layers + 1)]
+        strides = [2] * num_layers + [1]
+        layers: list[nn.Module] = []
+        for i, stride in enumerate(strides):
+            layers.append(
+                _maybe_sn(conv(widths[i], widths[i + 1], kernel_size, stride=stride, padding=1), spectral_norm)
+            )
+            if norm is not None and i > 0:
+                layers.append(Norm[norm, spatial_dims](widths[i + 1]))
+            layers.append(Act[Act.LEAKYRELU](negative_slope=negative_slope))
+        layers.append(_maybe_sn(conv(widths[-1], 1, kernel_size, stride=1, padding=1), spectral_norm))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, *S) → (B, 1, *S') score map."""
+        return self.model(x)
