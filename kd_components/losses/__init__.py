@@ -14,3 +14,7 @@ from .logit import DIST as DIST
 from .logit import ChannelWiseDistillation as ChannelWiseDistillation
 from .logit import LogitKD as LogitKD
 from .logit import PixelWiseKD as PixelWiseKD
+from .region import EMKDRegionAffinityLoss as EMKDRegionAffinityLoss
+from .region import IFVDLoss as IFVDLoss
+from .region import InterClassDistanceLoss as InterClassDistanceLoss
+from .region import PositionInformationLoss as PositionInformationLoss
