@@ -1,0 +1,211 @@
+"""Adversarial distillation: WGAN-GP and hinge objectives, and a student-side adversarial distillation term."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._grid import autocast_off
+
+__all__ = ["AdversarialDistillationLoss", "AdversarialObjective", "HingeObjective", "WGANGPObjective"]
+
+
+def _unwrap(discriminator: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel (its hooks must not see a generator step)."""
+    if isinstance(discriminator, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return discriminator.module
+    return discriminator
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the context, ``module``'s parameters do not record gradients (restored on exit).
+
+    A graph built inside the context treats the parameters as constants, so a later backward through it leaves their
+    ``.grad`` untouched while gradients still flow to the module's *inputs*.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _scores(discriminator: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Discriminator output as float32, flattened to (B, M) (M = 1 for a global critic, #patches for PatchGAN)."""
+    return discriminator(x).float().flatten(1)
+
+
+class AdversarialObjective:
+    """Base of the GAN objectives: ``discriminator_loss`` (discriminator step), ``generator_loss`` (student step).
+
+    ``real`` is the teacher side, ``fake`` the student side, both (B, C, *S) as fed to the discriminator. In
+    :meth:`discriminator_loss` both are detached (the discriminator step never reaches the student); in
+    :meth:`generator_loss` the discriminator's parameters are frozen while its graph is built, so the student step
+    never accumulates gradients in the discriminator.
+    """
+
+    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """Scalar loss to minimise w.r.t. the discriminator's parameters."""
+        raise NotImplementedError
+
+    def generator_loss(self, discriminator: nn.Module, fake: torch.Tensor) -> torch.Tensor:
+        """Scalar loss to minimise w.r.t. the student (``fake``): ``-mean D(fake)`` (WGAN and hinge alike)."""
+        with frozen(discriminator):
+            return -_scores(_unwrap(discriminator), fake).mean()
+
+
+class WGANGPObjective(AdversarialObjective):
+    """Wasserstein GAN with gradient penalty.
+
+    Discriminator (critic) loss: ``mean D(fake) - mean D(real) + λ_gp · mean_b (‖∇ₓ D(x̂_b)‖₂ - 1)²`` with
+    ``x̂ = ε·real + (1-ε)·fake``, ε ~ U(0, 1) per sample, and D(x̂_b) the mean of sample b's scores (one score for
+    a global critic, the patch average for a PatchGAN). Works for any number of spatial dims. Generator loss:
+    ``-mean D(fake)``.
+
+    Paper defaults: λ_gp = 10 (also Structured KD and Graph Flow; Graph Flow lr_D 2e-5, Adam (0.9, 0.99)).
+
+    Args:
+        gp_weight: λ_gp.
+        rng: optional ``torch.Generator`` for ε, on the inputs' device.
+
+    Reference:
+        Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017.
+    """
+
+    def __init__(self, gp_weight: float = 10.0, rng: torch.Generator | None = None) -> None:
+        self.gp_weight = gp_weight
+        self.rng = rng
+
+    def gradient_penalty(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """``mean_b (‖∇ₓ D(x̂_b)‖₂ - 1)²`` on random interpolates of (detached) ``real`` and ``fake``."""
+        real, fake = real.detach().float(), fake.detach().float()
+        if real.shape != fake.shape:
+            raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} shapes differ")
+        shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+        device = self.rng.device if self.rng is not None else real.device
+        eps = torch.rand(shape, generator=self.rng, device=device).to(real.device)
+        mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        with torch.enable_grad():
+            critic = _scores(discriminator, mixed).mean(dim=1)
+            (grad,) = torch.autograd.grad(critic.sum(), mixed, create_graph=True)
+        with autocast_off(grad):
+            norm = (grad.float().flatten(1).pow(2).sum(dim=1) + 1e-12).sqrt()
+            return (norm - 1).pow(2).mean()
+
+    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        real, fake = real.detach(), fake.detach()
+        loss = _scores(discriminator, fake).mean() - _scores(discriminator, real).mean()
+        if self.gp_weight:
+            loss = loss + self.gp_weight * self.gradient_penalty(discriminator, real, fake)
+        return loss
+
+
+class HingeObjective(AdversarialObjective):
+    """Hinge GAN objective (SAGAN / SN-GAN).
+
+    Discriminator loss: ``mean relu(1 - D(real)) + mean relu(1 + D(fake))`` (per score, i.e. per patch for a
+    PatchGAN); generator loss: ``-mean D(fake)``.
+
+    Reference:
+        Lim & Ye, "Geometric GAN", 2017; Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019.
+    """
+
+    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        real, fake = real.detach(), fake.detach()
+        return F.relu(1 - _scores(discriminator, real)).mean() + F.relu(1 + _scores(discriminator, fake)).mean()
+
+
+_OBJECTIVES = {"wgan-gp": WGANGPObjective, "hinge": HingeObjective}
+
+
+class AdversarialDistillationLoss(nn.Module):
+    """Adversarial distillation (AD): the student's output should look like the teacher's to a discriminator.
+
+    Formulation used here: the teacher's tensor (e.g. logits) is "real", the student's "fake"; an optional
+    ``condition`` (e.g. the image, or for LightVessel's ASD the label map) is concatenated along channels to both,
+    making the discriminator conditional. The forward pass — the distillation term of the *student* step — returns
+    the objective's generator loss ``-mean D(fake)``, built with the discriminator's parameters frozen, so it never
+    fills their ``.grad``. The discriminator is trained in its own step with its own optimizer:
+    ``loss.discriminator_step_loss(student, teacher)`` (student and teacher detached).
+
+    The discriminator is *held, not registered*: it is not in this module's ``parameters()`` or ``state_dict()``,
+    so building the student optimizer from the distillation losses never includes it, and ``.to()``,
+    ``.train()``/``.eval()`` of this module do not reach it — the trainer moves, wraps (DDP), checkpoints and
+    optimises ``loss.discriminator`` itself. Inputs reach the discriminator as given (use the discriminator's
+    ``tanh_inputs`` for logits, as Graph Flow). The generator term has no minimum at student == teacher; what
+    vanishes there is the critic's Wasserstein estimate ``mean D(fake) - mean D(real)``.
+
+    Paper defaults: Graph Flow λ_adv = 0.1, WGAN-GP (λ_gp 10), SAGAN discriminator on logits with tanh,
+    lr_D 2e-5; Structured KD holistic term weight 0.1 with WGAN-GP on (image, score map).
+
+    Args:
+        discriminator: the discriminator (e.g. :class:`kd_components.modules.SelfAttentionDiscriminator`).
+        objective: ``"wgan-gp"``, ``"hinge"`` or an :class:`AdversarialObjective` instance.
+
+    Reference:
+        Liu et al., "Structured Knowledge Distillation for Semantic Segmentation", CVPR 2019; Zou et al., CoCo
+        DistillNet (BIBM 2021) and Graph Flow (TMI 2023).
+    """
+
+    def __init__(self, discriminator: nn.Module, objective: str | AdversarialObjective = "wgan-gp") -> None:
+        super().__init__()
+        if isinstance(objective, str):
+            if objective not in _OBJECTIVES:
+                raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)} or an AdversarialObjective")
+            objective = _OBJECTIVES[objective]()
+        self.objective = objective
+        # stored outside nn.Module's registry on purpose: not a submodule, no parameters, not in state_dict
+        self.__dict__["_discriminator"] = discriminator
+
+    @property
+    def discriminator(self) -> nn.Module:
+        """The held discriminator (trained by its own optimizer in its own step)."""
+        return self.__dict__["_discriminator"]
+
+    @staticmethod
+    def _pair(
+        student: torch.Tensor, teacher: torch.Tensor, condition: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if student.shape != teacher.shape:
+            raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+        if condition is None:
+            return student, teacher
+        condition = condition.detach().to(student.dtype)
+        return torch.cat([condition, student], dim=1), torch.cat([condition, teacher], dim=1)
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            student: student tensor (B, C, *S), e.g. logits; receives the gradient.
+            teacher: teacher tensor of the same shape (only checked here; it is the discriminator's "real").
+            condition: optional (B, C_c, *S) tensor concatenated along channels to both sides.
+
+        Returns:
+            scalar generator loss for the student step.
+        """
+        teacher = teacher.detach()
+        fake, _ = self._pair(student, teacher, condition)
+        return self.objective.generator_loss(self.discriminator, fake)
+
+    def discriminator_step_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scalar discriminator loss for the discriminator step; student and teacher are detached.
+
+        Args:
+            student: student tensor (B, C, *S) ("fake").
+            teacher: teacher tensor (B, C, *S) ("real").
+            condition: optional (B, C_c, *S) tensor concatenated along channels to both sides.
+        """
+        fake, real = self._pair(student.detach(), teacher.detach(), condition)
+        return self.objective.discriminator_loss(self.discriminator, real, fake)
