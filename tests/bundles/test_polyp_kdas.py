@@ -1,0 +1,291 @@
+"""The polyp_kdas bundle: every stage through ConfigWorkflow on tiny synthetic data, DDP, MLflow, bad inputs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+from PIL import Image
+
+from kd_components import TapNotFoundError
+from kd_components.data.common import DatasetError
+from kd_components.data.polyp import prepare_polyp_data
+from kd_components.data.synthetic import make_synthetic_polyps
+from tests.bundles.conftest import BUNDLES, SHARED, configs, make_workflow, root_cause, run_workflow
+
+BUNDLE = "polyp_kdas"
+FAST = {"image_size": [32, 32], "epochs": 1, "batch_size": 4, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("polyp_data")
+    make_synthetic_polyps(out, n=20, size=(32, 32), seed=0, overwrite=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_dir, tmp_path_factory) -> dict:
+    """Train the teacher once (one epoch) and return the overrides that point at its checkpoint."""
+    ckpt_dir = tmp_path_factory.mktemp("models")
+    over = {**FAST, "dataset_dir": str(data_dir), "ckpt_dir": str(ckpt_dir)}
+    run_workflow(BUNDLE, ["train.json", "train_teacher.json"], output_dir=str(ckpt_dir.parent / "teacher_eval"), **over)
+    assert (ckpt_dir / "teacher.pt").is_file()
+    return over
+
+
+def test_check_properties_train_and_infer(teacher_run, data_dir, tmp_path):
+    over = {**teacher_run, "ckpt_dir": str(tmp_path), "teacher_ckpt": str(Path(teacher_run["ckpt_dir"]) / "teacher.pt")}
+    train = make_workflow(BUNDLE, ["train.json"], **over)
+    train.initialize()
+    assert train.check_properties() == []
+    (tmp_path / "model.pt").touch()  # inference's initialize checks that the weights and images exist
+    infer = make_workflow(
+        BUNDLE, ["inference.json"], workflow_type="infer", ckpt_dir=str(tmp_path), dataset_dir=str(data_dir / "images")
+    )
+    infer.initialize()
+    assert infer.check_properties() == []
+
+
+def test_inference_without_weights_or_images_says_what_to_do(data_dir, tmp_path):
+    infer = make_workflow(BUNDLE, ["inference.json"], workflow_type="infer", ckpt_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as err:
+        infer.initialize()
+    assert re.search("student weights not found.*train the student first", str(root_cause(err.value)))
+    (tmp_path / "model.pt").touch()
+    infer = make_workflow(
+        BUNDLE, ["inference.json"], workflow_type="infer", ckpt_dir=str(tmp_path), dataset_dir=str(tmp_path)
+    )
+    with pytest.raises(RuntimeError) as err:
+        infer.initialize()
+    assert re.search("no input images.*--dataset_dir", str(root_cause(err.value)))
+
+
+def test_metadata_and_network_io(schema_path):
+    bundle = BUNDLES / BUNDLE
+    verify_metadata(meta_file=str(bundle / "configs/metadata.json"), filepath=str(schema_path))
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle / "configs/metadata.json"),
+        config_file=str(bundle / "configs/inference.json"),
+        n=1,
+    )
+
+
+def test_train_and_inference_networks_agree():
+    """inference.json (MONAI only) defines exactly the student that train.json trains."""
+    train = make_workflow(BUNDLE, ["train.json"]).parser
+    infer = make_workflow(BUNDLE, ["inference.json"], workflow_type="infer").parser
+    assert train.get("network_def") == infer.get("network_def")
+    assert train.get("image_size") == infer.get("image_size")
+    teacher = train.get_parsed_content("teacher_def")
+    student = train.get_parsed_content("network_def")
+    n_t = sum(p.numel() for p in teacher.parameters())
+    n_s = sum(p.numel() for p in student.parameters())
+    assert n_s <= 0.1 * n_t, f"student has {n_s / n_t:.1%} of the teacher's parameters, the bundle promises <= 10%"
+
+
+def test_distill_evaluate_infer_export(teacher_run, tmp_path):
+    over = {**teacher_run, "output_dir": str(tmp_path / "eval")}
+    ckpt_dir = Path(teacher_run["ckpt_dir"])
+    teacher_before = torch.load(ckpt_dir / "teacher.pt", weights_only=True)
+    wf = run_workflow(BUNDLE, ["train.json"], **over)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert {"train_kdas_attention", "train_kdas_sgm", "train_supervised"} <= set(trainer.state.metrics)
+    teacher_after = torch.load(ckpt_dir / "teacher.pt", weights_only=True)
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+
+    # models/model.pt is a plain student state dict whose keys match network_def exactly (MONAI Label loads it
+    # with strict=False, so a wrongly keyed file would fail silently)
+    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
+    student = make_workflow(BUNDLE, ["inference.json"], workflow_type="infer").parser.get_parsed_content("network_def")
+    assert set(state) == set(student.state_dict())
+    student.load_state_dict(state, strict=True)
+
+    ev = run_workflow(BUNDLE, ["train.json", "evaluate.json"], workflow_type="eval", **over)
+    metrics = ev.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and 0.0 <= metrics["val_mean_iou"] <= 1.0
+    per_case = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()
+    assert len(per_case) == 1 + 2  # header + the test split of 20 images (10%)
+
+    out = tmp_path / "masks"
+    run_workflow(
+        BUNDLE,
+        ["inference.json"],
+        workflow_type="infer",
+        dataset_dir=str(Path(teacher_run["dataset_dir"]) / "images"),
+        ckpt_dir=str(ckpt_dir),
+        output_dir=str(out),
+        image_size=FAST["image_size"],
+    )
+    masks = sorted(out.glob("*_seg.png"))
+    assert len(masks) == 20
+    mask = Image.open(masks[0])
+    assert mask.size == (32, 32) and set(mask.getdata()) <= {0, 255}
+
+    ts = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts),
+        ckpt_file=str(ckpt_dir / "model.pt"),
+        meta_file=str(BUNDLES / BUNDLE / "configs/metadata.json"),
+        config_file=str(BUNDLES / BUNDLE / "configs/inference.json"),
+    )
+    scripted = torch.jit.load(str(ts))
+    assert scripted(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
+    """A second run never overwrites the model of the first: it is moved to models/backup/ first."""
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "model.pt").write_bytes(b"precious")
+    over = {**teacher_run, "ckpt_dir": str(ckpt_dir), "teacher_ckpt": str(Path(teacher_run["ckpt_dir"]) / "teacher.pt")}
+    run_workflow(BUNDLE, ["train.json", "methods/none.json"], output_dir=str(tmp_path / "eval"), **over)
+    backups = list((ckpt_dir / "backup").glob("model.*.pt"))
+    assert len(backups) == 1 and backups[0].read_bytes() == b"precious"
+    assert (ckpt_dir / "model.pt").read_bytes() != b"precious"
+
+
+def test_missing_teacher_checkpoint_says_what_to_do(data_dir, tmp_path):
+    wf = make_workflow(BUNDLE, ["train.json"], dataset_dir=str(data_dir), ckpt_dir=str(tmp_path), **FAST)
+    wf.initialize()
+    with pytest.raises(RuntimeError) as err:
+        wf.run()
+    cause = root_cause(err.value)
+    assert isinstance(cause, FileNotFoundError) and "teacher checkpoint not found" in str(cause)
+    assert "train_teacher.json" in str(cause)
+
+
+def test_unknown_tap_lists_close_names(teacher_run, tmp_path):
+    term = {
+        "_target_": "kd_components.DistillationTerm",
+        "name": "fitnet",
+        "loss": {"_target_": "kd_components.losses.FitNetLoss"},
+        "inputs": {"student": "student:model.1.submodul", "teacher": "teacher:model.1.submodule"},
+    }
+    wf = make_workflow(BUNDLE, ["train.json"], output_dir=str(tmp_path), **{**teacher_run, "distill#terms": [term]})
+    wf.initialize()
+    with pytest.raises(RuntimeError) as err:
+        wf.run()
+    cause = root_cause(err.value)
+    assert isinstance(cause, TapNotFoundError) and "'model.1.submodule'" in str(cause)
+    assert "list_taps" in str(cause)
+
+
+def test_missing_datalist_and_bad_labels_say_what_to_do(teacher_run, tmp_path):
+    wf = make_workflow(
+        BUNDLE,
+        ["train.json", "train_teacher.json"],
+        **{**teacher_run, "dataset_dir": str(tmp_path), "ckpt_dir": str(tmp_path)},
+    )
+    wf.initialize()
+    with pytest.raises(RuntimeError) as err:
+        wf.run()
+    cause = root_cause(err.value)
+    assert isinstance(cause, DatasetError) and "datalist not found" in str(cause)
+    assert "kd_components.data.polyp" in str(cause)
+
+    bad = tmp_path / "bad"
+    make_synthetic_polyps(bad, n=10, size=(32, 32), seed=1)
+    label = sorted((bad / "labels").glob("*.png"))[0]
+    Image.fromarray((np.array(Image.open(label)) * 255).astype(np.uint8)).save(label)  # a 0/255 mask
+    wf = make_workflow(
+        BUNDLE,
+        ["train.json", "train_teacher.json"],
+        **{**teacher_run, "dataset_dir": str(bad), "ckpt_dir": str(tmp_path)},
+    )
+    wf.initialize()
+    with pytest.raises(RuntimeError) as err:
+        wf.run()
+    cause = root_cause(err.value)
+    assert "outside the class indices 0..1" in str(cause) and label.name in str(cause)
+
+
+def test_feature_term_with_automatic_adapter_trains(teacher_run, tmp_path):
+    """A FitNet term between taps of different widths gets an adapter that trains with the student."""
+    term = {
+        "_target_": "kd_components.DistillationTerm",
+        "name": "fitnet",
+        "loss": {"_target_": "kd_components.losses.FitNetLoss"},
+        "inputs": {"student": "student:model.1.submodule.0", "teacher": "teacher:model.1.submodule.0"},
+        "align": {"student": "teacher"},
+    }
+    over = {**teacher_run, "output_dir": str(tmp_path), "ckpt_dir": str(tmp_path), "distill#terms": [term]}
+    over["teacher_ckpt"] = str(Path(teacher_run["ckpt_dir"]) / "teacher.pt")
+    wf = make_workflow(BUNDLE, ["train.json"], **over)
+    wf.initialize()
+    adapter = wf.parser.get_parsed_content("distiller").terms[0].adapters["student"]
+    assert (adapter.proj.in_channels, adapter.proj.out_channels) == (16, 64)
+    before = adapter.proj.weight.detach().clone()
+    wf.run()
+    assert not torch.equal(before, adapter.proj.weight)
+
+
+def test_mlflow_tracking_records_loss_terms_and_settings(teacher_run, tmp_path):
+    over = {**teacher_run, "output_dir": str(tmp_path), "ckpt_dir": str(tmp_path)}
+    over["teacher_ckpt"] = str(Path(teacher_run["ckpt_dir"]) / "teacher.pt")
+    wf = make_workflow(BUNDLE, ["train.json"], tracking="mlflow", **over)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    train_runs = [r for r in runs if "train_kdas_attention" in r.data.metrics]
+    assert len(train_runs) == 1
+    run = train_runs[0]
+    assert {"train_kdas_sgm", "train_supervised", "train_loss", "lr_group_0", "val_mean_dice"} <= set(run.data.metrics)
+    assert run.data.params["kd.terms"] == "kdas_attention,kdas_sgm"
+    assert float(run.data.params["kd.supervised_weight"]) == pytest.approx(0.7)
+
+
+def test_torchrun_ddp_gloo_leaves_one_checkpoint(teacher_run, tmp_path):
+    bundle = BUNDLES / BUNDLE
+    ckpt_dir = tmp_path / "models"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run",
+        "--config_file", str(configs(BUNDLE, "train.json", "multi_gpu_train.json")),
+        "--bundle_root", str(bundle),
+        "--dataset_dir", teacher_run["dataset_dir"],
+        "--ckpt_dir", str(ckpt_dir),
+        "--teacher_ckpt", str(Path(teacher_run["ckpt_dir"]) / "teacher.pt"),
+        "--output_dir", str(tmp_path / "eval"),
+        "--image_size", "[32,32]", "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt"]
+    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+
+
+KVASIR = SHARED / "datasets" / "Kvasir-SEG"
+
+
+@pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"real data not found at {KVASIR}")
+def test_short_real_data_run_on_kvasir(tmp_path):
+    """Prepare 24 real Kvasir-SEG pairs (official layout), train the teacher and distil for one epoch each."""
+    subset = tmp_path / "Kvasir-SEG"
+    for sub in ("images", "masks"):
+        (subset / sub).mkdir(parents=True)
+    for image in sorted((KVASIR / "images").glob("*.jpg"))[:24]:
+        (subset / "images" / image.name).symlink_to(image)
+        (subset / "masks" / image.name).symlink_to(KVASIR / "masks" / image.name)
+    data = tmp_path / "data"
+    prepare_polyp_data(data, kvasir_dir=subset, max_size=96)
+    over = {**FAST, "image_size": [64, 64], "dataset_dir": str(data), "ckpt_dir": str(tmp_path / "models")}
+    run_workflow(BUNDLE, ["train.json", "train_teacher.json"], output_dir=str(tmp_path / "t"), **over)
+    wf = run_workflow(BUNDLE, ["train.json"], output_dir=str(tmp_path / "s"), **over)
+    metrics = wf.parser.get_parsed_content("train#trainer").state.metrics
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert (tmp_path / "models" / "model.pt").is_file()
