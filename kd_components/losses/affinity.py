@@ -88,7 +88,7 @@ class CIRKDLoss(nn.Module):
     (:func:`pooled_unit_features`, average pooling), ``F`` ``(B, C, N)``. For every ordered pair of images (i, j)
     in the batch, the affinity ``A_ij = F_i^T F_j`` ``(N, N)``; each row (an anchor position of image i against all
     positions of image j) becomes a distribution by a softmax at temperature tau; the loss is the mean over all
-    B * B * N rows of ``KL(softmax(A^T_ij / tau) || softmax(A^S_ij / tau))``. No tau^2 factor (as in the paper).
+    B * B * N rows of ``KL(softmax(A^T_ij / tau) || softmax(A^S_ij / tau))``. No tau^2 factor (as in the authors' code).
     Invariant to a per-position positive scaling of features and to a reordering of the batch. Student and teacher
     may have different channel counts.
 
