@@ -208,7 +208,7 @@ def _describe(loss: Any) -> str:
     """``ClassName(a=1, b=2)`` from a loss's public scalar attributes (short enough for an MLflow parameter)."""
     fields = {
         k: v
-        for k, v in vars(loss).items()
+        for k, v in getattr(loss, "__dict__", {}).items()  # builtins (e.g. torch.dist) have no __dict__
         if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))
     }
     return f"{type(loss).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(fields.items()))})"[:500]
