@@ -72,17 +72,22 @@ class FeatureTaps:
         feature = taps["model.1.submodule.0"]
         taps.clear()
 
+    Recording can be switched off with ``active = False`` (the hooks stay, nothing is kept): a trainer turns its
+    student taps off outside its own training forward passes, so validation batches are not held in memory.
+
     Args:
         network: the network to tap (teacher or student).
         names: submodule names as listed by ``network.named_modules()``.
         owner: a label used in error messages (e.g. ``"teacher"``).
+        active: whether forward passes are recorded from the start.
 
     Raises:
         TapNotFoundError: when a name is not a submodule of ``network``.
     """
 
-    def __init__(self, network: nn.Module, names: Iterable[str], owner: str = "network") -> None:
+    def __init__(self, network: nn.Module, names: Iterable[str], owner: str = "network", active: bool = True) -> None:
         self.owner = owner
+        self.active = active
         self.names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -92,6 +97,8 @@ class FeatureTaps:
 
     def _make_hook(self, name: str):
         def hook(_module: nn.Module, _inputs: tuple, output) -> None:
+            if not self.active:
+                return
             if isinstance(output, (tuple, list)):
                 output = output[0]
             self.outputs[name] = output

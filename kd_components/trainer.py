@@ -116,10 +116,11 @@ class DistillationTrainer(SupervisedTrainer):
             raise ValueError(f"{SUPERVISED!r} is reserved for the supervised loss: rename that distillation term")
         _check_optimizer(optimizer, teacher, terms)
         self._needs_teacher = terms.uses("teacher")
-        self.student_taps = FeatureTaps(network, terms.taps("student"), owner="student")
-        self.teacher_taps = FeatureTaps(teacher, terms.taps("teacher"), owner="teacher")
+        self.student_taps = FeatureTaps(network, terms.taps("student"), owner="student", active=False)
+        self.teacher_taps = FeatureTaps(teacher, terms.taps("teacher"), owner="teacher", active=False)
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self.add_event_handler(Events.ITERATION_STARTED, self._start_recording)
         self.add_event_handler(Events.EPOCH_STARTED, self._reset_epoch_means)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._write_epoch_means)
         handlers = list(train_handlers or [])
@@ -160,6 +161,7 @@ class DistillationTrainer(SupervisedTrainer):
                 sources[f"student:{name}"] = _plain(self.student_taps[name])
             if self._needs_teacher:
                 self.teacher.eval()
+                self.teacher_taps.active = True
                 with torch.no_grad():
                     sources["teacher"] = _plain(self.inferer(image, self.teacher))
                 for name in self.teacher_taps.names:
@@ -167,8 +169,9 @@ class DistillationTrainer(SupervisedTrainer):
             supervised = self.supervised_loss(pred, label).mean()
             values = self.distiller(sources)
         finally:
-            self.student_taps.clear()
-            self.teacher_taps.clear()
+            for taps in (self.student_taps, self.teacher_taps):
+                taps.active = False
+                taps.clear()
         total = self.supervised_weight * supervised
         for term in self._terms.terms:
             total = total + term.weight_at(self.state.iteration, self.state.epoch) * values[term.name]
@@ -194,6 +197,11 @@ class DistillationTrainer(SupervisedTrainer):
         for name, value in terms.items():
             self._sums[name] = self._sums.get(name, 0.0) + value.float()
         self._count += 1
+
+    def _start_recording(self) -> None:
+        """Record the student's taps during this iteration's training forward pass only."""
+        self.student_taps.clear()
+        self.student_taps.active = True
 
     def _reset_epoch_means(self) -> None:
         self._sums = {}

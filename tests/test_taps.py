@@ -230,3 +230,15 @@ def test_list_tap_candidates_restores_each_module_mode():
     before = {n: m.training for n, m in net.named_modules()}
     list_tap_candidates(net, (1, 3, 16, 16))
     assert {n: m.training for n, m in net.named_modules()} == before
+
+
+def test_inactive_taps_record_nothing():
+    """With ``active = False`` the hooks stay but keep no output; switching back on records again."""
+    net = UNet(2, 3, 2, (4, 8, 16), (2, 2), num_res_units=1)
+    taps = FeatureTaps(net, ["model.1.submodule"], active=False)
+    net(torch.rand(1, 3, 16, 16))
+    assert "model.1.submodule" not in taps
+    taps.active = True
+    net(torch.rand(1, 3, 16, 16))
+    assert "model.1.submodule" in taps
+    taps.remove()
