@@ -166,8 +166,9 @@ class DistillationTrainer(SupervisedTrainer):
                     sources["teacher"] = _plain(self.inferer(image, self.teacher))
                 for name in self.teacher_taps.names:
                     sources[f"teacher:{name}"] = _plain(self.teacher_taps[name])
-            supervised = self.supervised_loss(pred, label).mean()
-            values = self.distiller(sources)
+            supervised = self._supervised_value(pred, label)
+            extra = self._before_terms(sources)
+            values = self._term_values(sources)
         finally:
             for taps in (self.student_taps, self.teacher_taps):
                 taps.active = False
@@ -176,12 +177,31 @@ class DistillationTrainer(SupervisedTrainer):
         for term in self._terms.terms:
             total = total + term.weight_at(self.state.iteration, self.state.epoch) * values[term.name]
         terms = {SUPERVISED: supervised.detach(), **{k: v.detach() for k, v in values.items()}}
+        terms.update({k: v.detach() for k, v in extra.items()})  # reported only, not part of the total
         for name, value in terms.items():
             self.state.output[term_output_key(name)] = value
         if self.check_finite and not bool(torch.isfinite(total)):
             self._raise_non_finite(terms)
         self._accumulate(terms)
         return total
+
+    # Hooks for subclasses (adversarial, semi-supervised trainers); the defaults are the plain behaviour.
+
+    def _supervised_value(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The unweighted supervised loss of the batch (a scalar): ``loss_function(pred, label).mean()``."""
+        return self.supervised_loss(pred, label).mean()
+
+    def _before_terms(self, sources: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Called once per iteration when ``sources`` holds both networks' outputs and taps, before the terms.
+
+        Returns extra values to report (engine output ``loss_<name>``, epoch means ``train_<name>``) that are not
+        part of the loss, e.g. a discriminator step's loss. Default: nothing.
+        """
+        return {}
+
+    def _term_values(self, sources: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unweighted value of every distillation term, ``{term name: scalar}``: ``distiller(sources)``."""
+        return self.distiller(sources)
 
     def _raise_non_finite(self, terms: dict[str, torch.Tensor]) -> None:
         bad = [f"{k}={float(v):.4g}" for k, v in terms.items() if not bool(torch.isfinite(v))]
