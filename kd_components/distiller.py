@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -82,16 +82,20 @@ class Distiller(nn.Module):
                     )
                 term.adapters[arg] = FeatureAdapter(in_shape[1], out_shape[1], spatial_dims=len(in_shape) - 2)
 
-    def forward(self, sources: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Compute every term, unweighted.
+    def forward(
+        self, sources: Mapping[str, torch.Tensor], names: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Compute every term (or the terms in ``names``), unweighted.
 
         Args:
             sources: ``{source string: tensor}``, e.g. ``{"student": logits, "teacher:model.2": feature, ...}``.
+            names: compute only the terms with these names (e.g. a subset computed on part of the batch);
+                ``None``: all terms.
 
         Returns:
             ``{term name: scalar loss}``.
         """
-        return {term.name: term(sources) for term in self.terms}
+        return {term.name: term(sources) for term in self.terms if names is None or term.name in names}
 
 
 def probe_shapes(
