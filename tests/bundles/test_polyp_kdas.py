@@ -289,3 +289,24 @@ def test_short_real_data_run_on_kvasir(tmp_path):
     metrics = wf.parser.get_parsed_content("train#trainer").state.metrics
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))
+
+
+def test_method_list_covers_the_baselines():
+    expected = {"none", "kdas", "logit_kd", "cwd", "dist", "at", "fitnet", "structured_kd", "ifvd", "emkd", "cirkd"}
+    assert expected | {"mgd", "idd"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_override_trains(method, teacher_run, tmp_path):
+    """Every method file merged onto train.json trains one epoch and reports each of its terms."""
+    over = {**teacher_run, "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "eval")}
+    over["teacher_ckpt"] = str(Path(teacher_run["ckpt_dir"]) / "teacher.pt")
+    wf = run_workflow(BUNDLE, ["train.json", f"methods/{method}.json"], **over)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    terms = [t["name"] for t in wf.parser.get("distill#terms")] if method != "none" else []
+    assert all(f"train_{name}" in trainer.state.metrics for name in terms)
+    assert all(np.isfinite(v) for v in trainer.state.metrics.values())
+    assert (tmp_path / "model.pt").is_file()
