@@ -7,6 +7,9 @@ Every preparer writes the same layout, which the bundles read through ``monai.da
     <out>/datalist.json     {"training": [{"image": "images/<name>.png", "label": "labels/<name>.png"}, ...],
                              "validation": [...], "test": [...]}
 
+Preparers may add a ``<out>/fov/<name>.png`` field-of-view mask per image (entry key ``"fov"``), an ``"unlabeled"``
+section of image-only entries and a ``"metadata"`` object (see :func:`write_datalist`).
+
 The pieces here are: a seeded, file-name-based split (:func:`split_names`), pairing images with masks by file stem
 (:func:`pair_by_stem`), listing an input folder with clear errors (:func:`list_files`), a guarded output folder
 that is only filled when preparation succeeds (:func:`staged_output`), and the datalist writer
@@ -22,7 +25,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,9 +34,13 @@ import numpy as np
 __all__ = [
     "DATALIST_NAME",
     "DEFAULT_FRACTIONS",
+    "FOV_DIR",
     "IMAGES_DIR",
     "LABELS_DIR",
+    "METADATA_KEY",
+    "OUTPUT_DIRS",
     "SPLIT_KEYS",
+    "UNLABELED_KEY",
     "DatasetError",
     "DatasetWarning",
     "check_output_dir",
@@ -53,7 +60,15 @@ SPLIT_KEYS: tuple[str, str, str] = ("training", "validation", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
+#: optional folder of 0/1 field-of-view masks (the region where metrics are computed), entry key "fov"
+FOV_DIR = "fov"
+#: the output sub-folders a preparation writes, checked and cleared by :func:`staged_output`
+OUTPUT_DIRS: tuple[str, ...] = (IMAGES_DIR, LABELS_DIR, FOV_DIR)
 DATALIST_NAME = "datalist.json"
+#: optional datalist section of image-only entries (for example for semi-supervised training)
+UNLABELED_KEY = "unlabeled"
+#: optional datalist object describing the data (channels, label names, source...)
+METADATA_KEY = "metadata"
 
 #: how many offending file names an error message lists before summarising the rest
 MAX_LISTED = 5
@@ -205,21 +220,26 @@ def list_files(folder: str | os.PathLike, extensions: Iterable[str], description
     return files
 
 
-def _by_stem(files: Sequence[Path], folder_desc: str) -> dict[str, Path]:
-    """Map stem -> file, refusing two files with the same stem (for example ``a.jpg`` and ``a.png``)."""
+def _by_stem(files: Sequence[Path], folder_desc: str, key: Callable[[Path], str] | None = None) -> dict[str, Path]:
+    """Map stem (or ``key(path)``) -> file, refusing two files with the same one (for example ``a.jpg``, ``a.png``)."""
     by_stem: dict[str, Path] = {}
     for path in files:
-        if path.stem in by_stem:
+        stem = path.stem if key is None else key(path)
+        if stem in by_stem:
             raise DatasetError(
-                f"{folder_desc}: two files share the stem {path.stem!r} ({by_stem[path.stem].name}, {path.name}) "
+                f"{folder_desc}: two files share the stem {stem!r} ({by_stem[stem].name}, {path.name}) "
                 f"in {path.parent}; remove one of them."
             )
-        by_stem[path.stem] = path
+        by_stem[stem] = path
     return by_stem
 
 
 def pair_by_stem(
-    images: Sequence[Path], masks: Sequence[Path], allow_unpaired: bool = False
+    images: Sequence[Path],
+    masks: Sequence[Path],
+    allow_unpaired: bool = False,
+    image_key: Callable[[Path], str] | None = None,
+    mask_key: Callable[[Path], str] | None = None,
 ) -> list[tuple[str, Path, Path]]:
     """Pair image files with mask files that have the same stem (the name without its suffix).
 
@@ -227,6 +247,9 @@ def pair_by_stem(
         images: image files (all in one folder, as from :func:`list_files`).
         masks: mask files.
         allow_unpaired: skip unpaired files instead of raising.
+        image_key: the pairing id of an image file, when it is not its stem (for example ``21`` for DRIVE's
+            ``21_training.tif``); the returned "stem" is then this id.
+        mask_key: the pairing id of a mask file (for example ``21`` for ``21_manual1.gif``).
 
     Returns:
         ``[(stem, image, mask), ...]`` sorted by stem.
@@ -235,8 +258,8 @@ def pair_by_stem(
         DatasetError: when a stem appears twice in one list, or (unless ``allow_unpaired``) when an image has no mask
             or a mask no image; the message lists the first few of each and the folders.
     """
-    image_by_stem = _by_stem(images, "images")
-    mask_by_stem = _by_stem(masks, "masks")
+    image_by_stem = _by_stem(images, "images", image_key)
+    mask_by_stem = _by_stem(masks, "masks", mask_key)
     no_mask = sorted(image_by_stem.keys() - mask_by_stem.keys())
     no_image = sorted(mask_by_stem.keys() - image_by_stem.keys())
     if (no_mask or no_image) and not allow_unpaired:
@@ -262,7 +285,7 @@ def pair_by_stem(
 def _output_conflicts(out_dir: Path) -> list[Path]:
     """The existing outputs in ``out_dir`` that a preparation would overwrite."""
     conflicts = []
-    for sub in (IMAGES_DIR, LABELS_DIR):
+    for sub in OUTPUT_DIRS:
         folder = out_dir / sub
         if folder.is_dir() and any(folder.iterdir()):
             conflicts.append(folder)
@@ -280,8 +303,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
 
     Raises:
         DatasetError: naming the folder and the ``overwrite=True`` / ``--overwrite`` flag, when ``out_dir`` holds a
-            non-empty ``images/`` or ``labels/`` folder or a ``datalist.json`` and ``overwrite`` is false; or when
-            ``out_dir`` exists and is not a folder.
+            non-empty ``images/``, ``labels/`` or ``fov/`` folder or a ``datalist.json`` and ``overwrite`` is false;
+            or when ``out_dir`` exists and is not a folder.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -296,8 +319,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
 
 
 def _clear_previous(out_dir: Path) -> None:
-    """Remove what a previous preparation wrote: PNG files of images/ and labels/, and the datalist."""
-    for sub in (IMAGES_DIR, LABELS_DIR):
+    """Remove what a previous preparation wrote: PNG files of images/, labels/ and fov/, and the datalist."""
+    for sub in OUTPUT_DIRS:
         folder = out_dir / sub
         if folder.is_dir():
             for path in folder.iterdir():
@@ -311,10 +334,11 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Write a prepared dataset into a staging folder, moved into ``out_dir`` only if the block succeeds.
 
     Checks ``out_dir`` first (:func:`check_output_dir`). Yields a hidden staging folder inside ``out_dir`` holding
-    empty ``images/`` and ``labels/`` folders; write files there. On success the previous outputs are cleared (PNG
-    files of ``images/`` and ``labels/`` and ``datalist.json``: only with ``overwrite``, since otherwise there are
-    none) and the staged files are moved in, including a staged ``datalist.json``. On an exception the staging folder
-    is removed, so ``out_dir`` is left as it was (a freshly created, still empty ``out_dir`` is removed too).
+    empty ``images/`` and ``labels/`` folders; write files there (and in a ``fov/`` folder, if the block creates one).
+    On success the previous outputs are cleared (PNG files of ``images/``, ``labels/`` and ``fov/`` and
+    ``datalist.json``: only with ``overwrite``, since otherwise there are none) and the staged files are moved in,
+    including a staged ``datalist.json``. On an exception the staging folder is removed, so ``out_dir`` is left as it
+    was (a freshly created, still empty ``out_dir`` is removed too).
 
     Args:
         out_dir: the output folder.
@@ -329,7 +353,7 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
             (staging / sub).mkdir(parents=True)
         yield staging
         _clear_previous(out_dir)
-        for sub in (IMAGES_DIR, LABELS_DIR):
+        for sub in (s for s in OUTPUT_DIRS if (staging / s).is_dir()):
             (out_dir / sub).mkdir(exist_ok=True)
             for path in (staging / sub).iterdir():
                 os.replace(path, out_dir / sub / path.name)
@@ -387,10 +411,25 @@ def _relative(path: str | os.PathLike, base: Path) -> str:
     return path.as_posix()
 
 
+def _datalist_entry(
+    entry: Mapping[str, str | os.PathLike], keys: Sequence[str], datalist_path: Path, check_files: bool
+) -> dict[str, str]:
+    """The path keys ``keys`` of one entry (those present), relative to the datalist's folder, checked to exist."""
+    base = datalist_path.parent
+    rel = {k: _relative(entry[k], base) for k in keys if k in entry}
+    missing = [v for v in rel.values() if check_files and not (base / v).is_file()]
+    if missing:
+        raise DatasetError(f"datalist {datalist_path} would reference missing files {missing} (under {base}).")
+    return rel
+
+
 def write_datalist(
     datalist_path: str | os.PathLike,
     splits: Mapping[str, Sequence[Mapping[str, str | os.PathLike]]],
     check_files: bool = True,
+    extra_keys: Sequence[str] = (),
+    unlabeled: Sequence[Mapping[str, str | os.PathLike]] | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> Path:
     """Write a MONAI (Decathlon-style) datalist JSON with the keys ``training``, ``validation`` and ``test``.
 
@@ -402,26 +441,37 @@ def write_datalist(
         datalist_path: the JSON file to write (its folder must exist).
         splits: split key -> list of entries with "image" and "label" paths.
         check_files: raise if a referenced file does not exist.
+        extra_keys: further path keys kept in the entries that have them (for example ``"fov"``); other keys are
+            dropped.
+        unlabeled: image-only entries (``"image"`` and optionally ``extra_keys``) written as a
+            :data:`UNLABELED_KEY` section; None writes no such section.
+        metadata: JSON-serialisable description of the data, written as a :data:`METADATA_KEY` object; None writes
+            none. ``load_decathlon_datalist`` reads only the section it is asked for, so both are ignored by readers
+            of the three splits.
 
     Raises:
-        DatasetError: for an unknown split key, an entry without "image"/"label", or (``check_files``) a missing file.
+        DatasetError: for an unknown split key, an entry without "image"/"label" (an unlabeled one without "image"),
+            or (``check_files``) a missing file.
     """
     datalist_path = Path(datalist_path)
-    base = datalist_path.parent
     unknown = sorted(set(splits) - set(SPLIT_KEYS))
     if unknown:
         raise DatasetError(f"unknown datalist split keys {unknown}; use {list(SPLIT_KEYS)}.")
-    data: dict[str, list[dict[str, str]]] = {}
+    data: dict[str, object] = {}
     for key in SPLIT_KEYS:
         entries = []
         for entry in splits.get(key, []):
             if "image" not in entry or "label" not in entry:
                 raise DatasetError(f"datalist entry {dict(entry)} in {key!r} needs both 'image' and 'label'.")
-            rel = {k: _relative(entry[k], base) for k in ("image", "label")}
-            missing = [v for v in rel.values() if check_files and not (base / v).is_file()]
-            if missing:
-                raise DatasetError(f"datalist {datalist_path} would reference missing files {missing} (under {base}).")
-            entries.append(rel)
+            entries.append(_datalist_entry(entry, ("image", "label", *extra_keys), datalist_path, check_files))
         data[key] = entries
+    if unlabeled is not None:
+        if any("image" not in entry for entry in unlabeled):
+            bad = next(dict(entry) for entry in unlabeled if "image" not in entry)
+            raise DatasetError(f"datalist entry {bad} in {UNLABELED_KEY!r} needs 'image'.")
+        keys = ("image", *extra_keys)
+        data[UNLABELED_KEY] = [_datalist_entry(entry, keys, datalist_path, check_files) for entry in unlabeled]
+    if metadata is not None:
+        data[METADATA_KEY] = dict(metadata)
     datalist_path.write_text(json.dumps(data, indent=2) + "\n")
     return datalist_path
