@@ -51,6 +51,7 @@ __all__ = [
     "save_png",
     "split_counts",
     "split_names",
+    "split_names_fixed",
     "staged_output",
     "validate_fractions",
     "write_datalist",
@@ -184,6 +185,59 @@ def split_names(
     return {key: sorted(part) for key, part in zip(SPLIT_KEYS, parts)}
 
 
+def split_names_fixed(
+    names: Iterable[str],
+    fixed: Mapping[str, Iterable[str]],
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Seeded split in which some splits are given (an official test set, a published validation list).
+
+    The names listed in ``fixed`` go to their split; the other names are split with :func:`split_names` among the
+    splits that ``fixed`` does not name, with ``fractions`` renormalised over those splits. For example with the
+    default (0.8, 0.1, 0.1) and a fixed test list the rest is split 8/9 training, 1/9 validation; with a fixed
+    validation list, 8/9 training, 1/9 test.
+
+    Args:
+        names: unique names; order does not matter.
+        fixed: split key -> names of that split (each must be in ``names``); an empty mapping gives :func:`split_names`.
+        fractions: (training, validation, test) fractions summing to 1.
+        seed: seed of the split of the names not in ``fixed``.
+
+    Raises:
+        DatasetError: for an unknown split key, a fixed name that is not in ``names`` or is in two splits, or when
+            names are left over for splits whose fractions are all zero.
+    """
+    names = list(names)
+    values = validate_fractions(fractions)
+    unknown = sorted(set(fixed) - set(SPLIT_KEYS))
+    if unknown:
+        raise DatasetError(f"unknown split keys {unknown}; use {list(SPLIT_KEYS)}.")
+    assigned: dict[str, str] = {}
+    for key in SPLIT_KEYS:
+        for name in fixed.get(key, ()):
+            if assigned.get(name, key) != key:
+                raise DatasetError(f"{name!r} is listed in both the {assigned[name]!r} and the {key!r} split.")
+            assigned[name] = key
+    missing = sorted(set(assigned) - set(names))
+    if missing:
+        raise DatasetError(f"the fixed split lists names that are not in the dataset: {format_names(missing)}.")
+    free = [key for key in SPLIT_KEYS if key not in fixed]
+    rest = [name for name in names if name not in assigned]
+    total = sum(v for k, v in zip(SPLIT_KEYS, values) if k in free)
+    if rest and total <= 0:
+        raise DatasetError(
+            f"{len(rest)} names are in no fixed split, but the fractions of the other splits {free} are all zero; "
+            "give one of them a positive fraction."
+        )
+    splits: dict[str, list[str]] = {key: [] for key in SPLIT_KEYS}
+    if rest:
+        splits = split_names(rest, [v / total if k in free else 0.0 for k, v in zip(SPLIT_KEYS, values)], seed)
+    for name, key in assigned.items():
+        splits[key].append(name)
+    return {key: sorted(splits[key]) for key in SPLIT_KEYS}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # input folders
 
@@ -282,10 +336,10 @@ def pair_by_stem(
 # output folder
 
 
-def _output_conflicts(out_dir: Path) -> list[Path]:
+def _output_conflicts(out_dir: Path, subdirs: Sequence[str] = OUTPUT_DIRS) -> list[Path]:
     """The existing outputs in ``out_dir`` that a preparation would overwrite."""
     conflicts = []
-    for sub in OUTPUT_DIRS:
+    for sub in subdirs:
         folder = out_dir / sub
         if folder.is_dir() and any(folder.iterdir()):
             conflicts.append(folder)
@@ -294,12 +348,14 @@ def _output_conflicts(out_dir: Path) -> list[Path]:
     return conflicts
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, subdirs: Sequence[str] = OUTPUT_DIRS) -> Path:
     """Refuse to write into an output folder that already holds prepared data, unless ``overwrite``.
 
     Args:
         out_dir: the output folder (may not exist yet).
         overwrite: allow replacing what is there.
+        subdirs: the output sub-folders (relative POSIX paths, such as ``"volumes/images"``) whose files count as
+            prepared data; :data:`OUTPUT_DIRS` by default.
 
     Raises:
         DatasetError: naming the folder and the ``overwrite=True`` / ``--overwrite`` flag, when ``out_dir`` holds a
@@ -309,28 +365,35 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DatasetError(f"output path {out_dir} exists and is not a folder; pass a folder path.")
-    conflicts = _output_conflicts(out_dir) if out_dir.is_dir() else []
+    conflicts = _output_conflicts(out_dir, subdirs) if out_dir.is_dir() else []
     if conflicts and not overwrite:
+        found = format_names([c.relative_to(out_dir).as_posix() for c in conflicts])
         raise DatasetError(
-            f"output folder {out_dir} already holds prepared data ({format_names([c.name for c in conflicts])}); "
+            f"output folder {out_dir} already holds prepared data ({found}); "
             "pass overwrite=True (--overwrite on the command line) to replace it, or choose another folder."
         )
     return out_dir
 
 
-def _clear_previous(out_dir: Path) -> None:
-    """Remove what a previous preparation wrote: PNG files of images/, labels/ and fov/, and the datalist."""
-    for sub in OUTPUT_DIRS:
+def _clear_previous(out_dir: Path, subdirs: Sequence[str] = OUTPUT_DIRS, suffixes: Sequence[str] = (".png",)) -> None:
+    """Remove what a previous preparation wrote: the ``suffixes`` files of ``subdirs``, and the datalist."""
+    endings = tuple(suffix.lower() for suffix in suffixes)
+    for sub in subdirs:
         folder = out_dir / sub
         if folder.is_dir():
             for path in folder.iterdir():
-                if path.is_file() and path.suffix.lower() == ".png":
+                if path.is_file() and path.name.lower().endswith(endings):
                     path.unlink()
     (out_dir / DATALIST_NAME).unlink(missing_ok=True)
 
 
 @contextmanager
-def staged_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    subdirs: Sequence[str] | None = None,
+    suffixes: Sequence[str] = (".png",),
+) -> Iterator[Path]:
     """Write a prepared dataset into a staging folder, moved into ``out_dir`` only if the block succeeds.
 
     Checks ``out_dir`` first (:func:`check_output_dir`). Yields a hidden staging folder inside ``out_dir`` holding
@@ -343,18 +406,24 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     Args:
         out_dir: the output folder.
         overwrite: allow replacing prepared data already in ``out_dir``.
+        subdirs: other output sub-folders, relative POSIX paths (for example ``("volumes/images",
+            "volumes/labels")``): each is created empty in the staging folder, and these (instead of
+            :data:`OUTPUT_DIRS`) are checked, cleared and moved in. None gives the behaviour described above.
+        suffixes: file endings of the previous outputs cleared on overwrite (for example ``(".nii.gz",)``); files
+            with other endings are left alone.
     """
-    out_dir = check_output_dir(out_dir, overwrite)
+    out_dirs = OUTPUT_DIRS if subdirs is None else tuple(subdirs)
+    out_dir = check_output_dir(out_dir, overwrite, out_dirs)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / f".staging-{uuid.uuid4().hex[:8]}"
     try:
-        for sub in (IMAGES_DIR, LABELS_DIR):
+        for sub in (IMAGES_DIR, LABELS_DIR) if subdirs is None else out_dirs:
             (staging / sub).mkdir(parents=True)
         yield staging
-        _clear_previous(out_dir)
-        for sub in (s for s in OUTPUT_DIRS if (staging / s).is_dir()):
-            (out_dir / sub).mkdir(exist_ok=True)
+        _clear_previous(out_dir, out_dirs, suffixes)
+        for sub in (s for s in out_dirs if (staging / s).is_dir()):
+            (out_dir / sub).mkdir(parents=True, exist_ok=True)
             for path in (staging / sub).iterdir():
                 os.replace(path, out_dir / sub / path.name)
         if (staging / DATALIST_NAME).exists():
@@ -430,6 +499,7 @@ def write_datalist(
     extra_keys: Sequence[str] = (),
     unlabeled: Sequence[Mapping[str, str | os.PathLike]] | None = None,
     metadata: Mapping[str, object] | None = None,
+    info_keys: Sequence[str] = (),
 ) -> Path:
     """Write a MONAI (Decathlon-style) datalist JSON with the keys ``training``, ``validation`` and ``test``.
 
@@ -448,6 +518,8 @@ def write_datalist(
         metadata: JSON-serialisable description of the data, written as a :data:`METADATA_KEY` object; None writes
             none. ``load_decathlon_datalist`` reads only the section it is asked for, so both are ignored by readers
             of the three splits.
+        info_keys: further keys copied as they are (not paths; JSON-serialisable values, for example ``"case"`` or
+            ``"slice"``) in the split entries that have them.
 
     Raises:
         DatasetError: for an unknown split key, an entry without "image"/"label" (an unlabeled one without "image"),
@@ -463,7 +535,8 @@ def write_datalist(
         for entry in splits.get(key, []):
             if "image" not in entry or "label" not in entry:
                 raise DatasetError(f"datalist entry {dict(entry)} in {key!r} needs both 'image' and 'label'.")
-            entries.append(_datalist_entry(entry, ("image", "label", *extra_keys), datalist_path, check_files))
+            rel = _datalist_entry(entry, ("image", "label", *extra_keys), datalist_path, check_files)
+            entries.append({**rel, **{k: entry[k] for k in info_keys if k in entry}})
         data[key] = entries
     if unlabeled is not None:
         if any("image" not in entry for entry in unlabeled):
