@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -45,6 +46,7 @@ __all__ = [
     "DatasetWarning",
     "check_output_dir",
     "datalist_entries",
+    "find_layouts",
     "format_names",
     "list_files",
     "pair_by_stem",
@@ -272,6 +274,50 @@ def list_files(folder: str | os.PathLike, extensions: Iterable[str], description
             "point to the folder that holds them, or re-download / unpack the dataset."
         )
     return files
+
+
+LayoutT = TypeVar("LayoutT")
+
+
+def find_layouts(
+    path: str | os.PathLike, detect: Callable[[Path], LayoutT | None], what: str = "dataset", depth: int = 3
+) -> list[LayoutT]:
+    """The dataset layouts that ``detect`` recognises in ``path`` and the folders below it.
+
+    Breadth first, down to ``depth`` levels; hidden folders and ``__MACOSX`` are skipped, and the folders below a
+    folder whose layout was recognised are not searched. So a release unpacked into a wrapper folder (or two, as
+    ``MoNuSeg 2018 Training Data/MoNuSeg 2018 Training Data/``) is found from the outer folder.
+
+    Args:
+        path: the folder given by the user.
+        detect: returns a description of the layout that a folder holds directly, or None.
+        what: the dataset, for error messages.
+        depth: how many levels below ``path`` to search.
+
+    Raises:
+        DatasetError: when ``path`` does not exist or is not a folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{what} folder {path} does not exist; check the path (and that the archive is unpacked).")
+    if not path.is_dir():
+        raise DatasetError(f"{what} path {path} is not a folder; unpack the archive and pass the folder.")
+    found: list[LayoutT] = []
+    level = [path]
+    for current in range(depth + 1):
+        below: list[Path] = []
+        for folder in level:
+            layout = detect(folder)
+            if layout is not None:
+                found.append(layout)
+            elif current < depth:
+                below += [
+                    child
+                    for child in sorted(folder.iterdir())
+                    if child.is_dir() and not child.name.startswith(".") and child.name != "__MACOSX"
+                ]
+        level = below
+    return found
 
 
 def _by_stem(files: Sequence[Path], folder_desc: str, key: Callable[[Path], str] | None = None) -> dict[str, Path]:
