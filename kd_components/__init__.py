@@ -6,12 +6,24 @@ The pieces a bundle config instantiates:
 - :class:`FeatureAdapter`: align a student feature to a teacher feature (channels and size, 2D/3D);
 - :class:`DistillationTerm` and :class:`Distiller`: a distillation setup as a list of weighted loss terms;
 - :class:`DistillationTrainer`: MONAI's ``SupervisedTrainer`` with a frozen teacher and those terms;
+- :class:`AdversarialDistillationTrainer` (+ :class:`DiscriminatorBank`): discriminator steps in each iteration;
+- :class:`ParaphraserTrainer` and :func:`load_paraphraser_encoder`: Factor Transfer's paraphraser stage;
+- :class:`SemiSupervisedDistillationTrainer`, :func:`split_labelled`, :class:`PlaceholderLabeld`: KD on unlabelled
+  samples, supervision on the labelled ones;
 - :mod:`kd_components.losses`: the distillation losses.
 """
 
 from kd_components.adapters import FeatureAdapter, match_spatial_size
+from kd_components.adversarial_trainer import AdversarialDistillationTrainer, AdversarialState, DiscriminatorBank
 from kd_components.distiller import Distiller
+from kd_components.paraphraser_trainer import FrozenEncoder, ParaphraserTrainer, load_paraphraser_encoder
 from kd_components.schedules import LinearWarmup
+from kd_components.semisupervised import (
+    PlaceholderLabeld,
+    SemiSupervisedAdversarialDistillationTrainer,
+    SemiSupervisedDistillationTrainer,
+    split_labelled,
+)
 from kd_components.taps import FeatureTaps, TapNotFoundError, list_tap_candidates, resolve_module, unwrap_network
 from kd_components.terms import DistillationTerm
 from kd_components.trainer import SUPERVISED, DistillationTrainer, term_output_key
@@ -41,6 +53,16 @@ __all__ = [
     "DistillationTrainer",
     "SUPERVISED",
     "term_output_key",
+    "AdversarialDistillationTrainer",
+    "AdversarialState",
+    "DiscriminatorBank",
+    "ParaphraserTrainer",
+    "FrozenEncoder",
+    "load_paraphraser_encoder",
+    "SemiSupervisedDistillationTrainer",
+    "SemiSupervisedAdversarialDistillationTrainer",
+    "PlaceholderLabeld",
+    "split_labelled",
     "backup_existing",
     "count_parameters",
     "freeze",
