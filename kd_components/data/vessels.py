@@ -1,6 +1,7 @@
 """Prepare the vessel bundle's data folder from the official DRIVE, CHASE_DB1, ARCADE and XCAD releases.
 
-Input layouts (the folder given, or its single child folder holding the layout; folder names are case-insensitive):
+Input layouts (in the folder given or up to 3 levels below it, see :func:`~kd_components.data.common.find_layouts`;
+folder names are case-insensitive):
 
 - **DRIVE** (retinal fundus, 565x584 RGB): ``training/images/NN_training.tif``, ``training/1st_manual/NN_manual1.gif``
   (vessel annotations), ``training/mask/NN_training_mask.gif`` (field-of-view masks), ``test/images/NN_test.tif``,
@@ -90,6 +91,7 @@ from kd_components.data.common import (
     SPLIT_KEYS,
     DatasetError,
     DatasetWarning,
+    find_layouts,
     format_names,
     list_files,
     pair_by_stem,
@@ -186,31 +188,24 @@ def _child_or_default(folder: Path, name: str) -> Path:
 
 
 def _locate(path: str | os.PathLike, finder: Callable[[Path], T | None], what: str, expected: str) -> T:
-    """Apply ``finder`` to ``path``, else to its child folders, and return the one result.
+    """The one result of ``finder`` in ``path`` or the folders below it (:func:`find_layouts`).
 
     Args:
         path: the folder given by the user.
         finder: returns what it finds in a folder (for example the dataset root), or None.
         what: the dataset, for messages.
         expected: the expected layout, for messages.
+
+    Raises:
+        DatasetError: when ``path`` is missing, or holds no layout or several.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{what} folder {path} does not exist; pass the unpacked dataset folder ({expected}).")
-    if not path.is_dir():
-        raise DatasetError(f"{what} path {path} is not a folder; unpack the archive and pass the folder.")
-    found = finder(path)
-    if found is not None:
-        return found
-    children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    matches = [(child, result) for child in children for result in [finder(child)] if result is not None]
-    if len(matches) == 1:
-        return matches[0][1]
-    if matches:
-        names = [str(child) for child, _ in matches]
-        raise DatasetError(f"{what}: several dataset folders under {path} ({format_names(names)}); pass one of them.")
+    found = find_layouts(path, finder, what)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise DatasetError(f"{what}: several dataset folders under {path} ({format_names(found)}); pass one of them.")
     raise DatasetError(
-        f"{what} folder {path} does not have the official layout: expected {expected} (or a single child folder "
+        f"{what} folder {path} does not have the official layout: expected {expected} (or a folder below it "
         "holding it); pass the folder that holds it."
     )
 
@@ -246,7 +241,7 @@ def _drive_part(folder: Path, part: str, labelled: bool) -> list[VesselCase]:
 
 
 def find_drive(path: str | os.PathLike) -> list[VesselCase]:
-    """The cases of the official DRIVE layout in ``path`` (or its single child folder holding ``training/``).
+    """The cases of the official DRIVE layout in ``path`` (or the one folder below it holding ``training/``).
 
     ``training/`` is the training pool; ``test/`` (optional) is the test split when it has ``1st_manual/``,
     otherwise its images are unlabelled.

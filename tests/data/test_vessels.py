@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +407,10 @@ def test_missing_folders_are_named(tmp_path):
         ):
             prepare_vessel_data(tmp_path / "out", dataset, tmp_path / "empty")
     make_drive(tmp_path / "d", n_train=2, n_test=1)
+    shutil.copytree(tmp_path / "d" / "DRIVE", tmp_path / "twice" / "DRIVE")
+    shutil.copytree(tmp_path / "d" / "DRIVE", tmp_path / "twice" / "copy" / "DRIVE")
+    with pytest.raises(DatasetError, match=r"DRIVE: several dataset folders under"):
+        prepare_vessel_data(tmp_path / "out", "drive", tmp_path / "twice")
     for path in (tmp_path / "d" / "DRIVE" / "training" / "mask").iterdir():
         path.unlink()
     (tmp_path / "d" / "DRIVE" / "training" / "mask").rmdir()
