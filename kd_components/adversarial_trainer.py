@@ -128,6 +128,8 @@ class AdversarialDistillationTrainer(DistillationTrainer):
     ``"train_<term>_discriminator"`` (not part of the student's ``"loss"``). With ``discriminator_steps=0`` the
     discriminators are fixed and nothing is reported for them.
 
+    The discriminators are moved to ``device`` here (``distiller.to()`` does not reach them).
+
     Checkpoints: save the :class:`DiscriminatorBank` (``discriminators``) and ``discriminator_optimizer`` with
     MONAI's ``CheckpointSaver``, or :attr:`adversarial_state` (bank, optimizer and grad scaler) from Python.
 
@@ -182,6 +184,7 @@ class AdversarialDistillationTrainer(DistillationTrainer):
             raise ValueError(f"discriminator_steps must be an integer >= 0, got {discriminator_steps!r}")
         # set before the base constructor, whose distillation_settings() (MLflow parameters) reports them
         self.discriminators = discriminators if discriminators is not None else DiscriminatorBank(distiller)
+        self.discriminators.to(device)  # distiller.to() does not reach them (held outside the losses' registry)
         self.discriminator_optimizer = discriminator_optimizer
         self.discriminator_steps = int(discriminator_steps)
         self._adversarial = _check_bank(self.discriminators, distiller)
