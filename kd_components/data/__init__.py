@@ -7,7 +7,9 @@ Every preparer writes the same layout, read by the bundles through ``monai.data.
 - :mod:`kd_components.data.common`: seeded file-name-based split, image/mask pairing, datalist writing, guarded
   output folder, :class:`DatasetError`;
 - :mod:`kd_components.data.polyp`: Kvasir-SEG and CVC-ClinicDB (``python -m kd_components.data.polyp --help``);
-- :mod:`kd_components.data.synthetic`: synthetic polyp-like data (``python -m kd_components.data.synthetic --help``).
+- :mod:`kd_components.data.synthetic`: synthetic polyp-like data (``python -m kd_components.data.synthetic --help``);
+- :mod:`kd_components.data.pathology`: MoNuSeg 2018 (XML polygons rasterised) and generic H&E tiles
+  (``python -m kd_components.data.pathology --help``).
 """
 
 from kd_components.data.common import (
@@ -34,6 +36,7 @@ _LAZY = {
     "prepare_polyp_data": "kd_components.data.polyp",
     "make_synthetic_polyps": "kd_components.data.synthetic",
     "synthetic_polyp_arrays": "kd_components.data.synthetic",
+    "prepare_pathology_data": "kd_components.data.pathology",
 }
 
 
@@ -59,6 +62,7 @@ __all__ = [
     "list_files",
     "make_synthetic_polyps",
     "pair_by_stem",
+    "prepare_pathology_data",
     "prepare_polyp_data",
     "save_png",
     "split_counts",
