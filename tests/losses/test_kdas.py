@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_components.losses.kdas import KDASAttentionLoss, KDASSGMLoss, StructureLoss, box_filter, symmetrise
+from kd_components.losses.kdas import (
+    KDASAttentionLoss,
+    KDASSGMLoss,
+    StructureLoss,
+    attention_kl_sum,
+    box_filter,
+    symmetrise,
+)
 from tests.helpers import (
     assert_2d_3d_consistent,
     assert_finite_under_autocast,
@@ -37,6 +44,8 @@ def _identical(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
 
 DISTILL = {
     "attention": lambda: KDASAttentionLoss(grid=8),
+    "attention_prob": lambda: KDASAttentionLoss(grid=8, activation="auto", standardize=False),
+    "attention_raw_chunked": lambda: KDASAttentionLoss(grid=8, standardize=False, row_chunk=5),
     "attention_softmax": lambda: KDASAttentionLoss(grid=8, channel=1),
     "sgm": lambda: KDASSGMLoss(),
     "sgm_prob": lambda: KDASSGMLoss(grid=6, activation="auto"),
@@ -72,22 +81,97 @@ def test_distill_autocast(name: str, dtype: torch.dtype) -> None:
     assert_finite_under_autocast(lambda t: loss(**t), _pair(_shape(name, (4, 4, 4)), seed=3), dtype)
 
 
+def _hand_attention_kl(ps: list[float], pt: list[float], tau: float) -> float:
+    """tau^2 * mean over rows i of KL(softmax_j(pt_i pt_j / tau) || softmax_j(ps_i ps_j / tau)), with math."""
+    total = 0.0
+    for i in range(len(ps)):
+        es = [math.exp(ps[i] * ps[j] / tau) for j in range(len(ps))]
+        et = [math.exp(pt[i] * pt[j] / tau) for j in range(len(pt))]
+        qs = [e / sum(es) for e in es]
+        qt = [e / sum(et) for e in et]
+        total += sum(qt[j] * math.log(qt[j] / qs[j]) for j in range(len(ps)))
+    return tau**2 * total / len(ps)
+
+
+def _standardised(z: list[float]) -> list[float]:
+    mean = sum(z) / len(z)
+    var = sum((v - mean) ** 2 for v in z) / len(z)
+    return [(v - mean) / math.sqrt(var + 1.0) for v in z]
+
+
 def test_attention_hand_computed() -> None:
-    """Two positions, no pooling: check against the formula written out with math."""
+    """No pooling: check against the formula written out with math, for probabilities (the released code's
+    activation) and for the default standardised log-odds."""
     zs, zt = [0.3, -1.2], [2.0, 0.5]
     tau = 2.0
     ps = [1 / (1 + math.exp(-z)) for z in zs]
     pt = [1 / (1 + math.exp(-z)) for z in zt]
-    total = 0.0
-    for i in range(2):
-        es = [math.exp(ps[i] * ps[j] / tau) for j in range(2)]
-        et = [math.exp(pt[i] * pt[j] / tau) for j in range(2)]
-        qs = [e / sum(es) for e in es]
-        qt = [e / sum(et) for e in et]
-        total += sum(qt[j] * math.log(qt[j] / qs[j]) for j in range(2))
-    expected = tau**2 * total / 2
-    value = KDASAttentionLoss(temperature=tau)(torch.tensor([[zs]]), torch.tensor([[zt]]))
+    expected = _hand_attention_kl(ps, pt, tau)
+    loss = KDASAttentionLoss(temperature=tau, activation="sigmoid", standardize=False)
+    value = loss(torch.tensor([[zs]]), torch.tensor([[zt]]))
     assert value.item() == pytest.approx(expected, rel=1e-3)  # float32 cancellation in a small KL
+    zs, zt = [0.3, -1.2, 2.5], [4.0, -3.0, 0.5]
+    expected = _hand_attention_kl(_standardised(zs), _standardised(zt), tau)
+    value = KDASAttentionLoss(temperature=tau)(torch.tensor([[zs]]), torch.tensor([[zt]]))
+    assert value.item() == pytest.approx(expected, rel=1e-4)
+    # raw log-odds of a two-class output: z_1 - z_0
+    two = torch.tensor([[[0.0, 1.0, -2.0], zs]]), torch.tensor([[[1.0, 0.0, 0.5], zt]])
+    expected = _hand_attention_kl(
+        [z - o for z, o in zip(zs, [0.0, 1.0, -2.0])], [z - o for z, o in zip(zt, [1, 0, 0.5])], tau
+    )
+    assert KDASAttentionLoss(standardize=False)(*two).item() == pytest.approx(expected, rel=1e-4)
+
+
+def _dense_attention_kl(p_s: torch.Tensor, p_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """The sum over rows of the KL, with the full (B, N, N) matrices (the straightforward implementation)."""
+    log_q_s = torch.log_softmax(p_s.unsqueeze(-1) * p_s.unsqueeze(-2) / tau, dim=-1)
+    log_q_t = torch.log_softmax(p_t.unsqueeze(-1) * p_t.unsqueeze(-2) / tau, dim=-1)
+    return (log_q_t.exp() * (log_q_t - log_q_s)).sum()
+
+
+@pytest.mark.parametrize("row_chunk", [3, 16, 1000])
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+def test_rank_one_attention_matches_dense(row_chunk: int, scale: float) -> None:
+    """The one-pass rank-one evaluation (value and gradient accumulated in forward) equals the dense formula."""
+    g = torch.Generator().manual_seed(11)
+    p_s = (scale * torch.randn(3, 40, generator=g, dtype=torch.float64)).requires_grad_(True)
+    p_t = scale * torch.randn(3, 40, generator=g, dtype=torch.float64)
+    value = attention_kl_sum(p_s, p_t, 2.0, row_chunk)
+    (grad,) = torch.autograd.grad(3.0 * value, p_s)
+    dense = _dense_attention_kl(p_s.float(), p_t.float(), 2.0)
+    (grad_dense,) = torch.autograd.grad(3.0 * dense, p_s)
+    assert torch.allclose(value, dense, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(grad, grad_dense, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(attention_kl_sum(p_s, p_t, 2.0, row_chunk), value)
+    assert attention_kl_sum(p_t, p_t, 2.0, row_chunk).item() == 0.0
+
+
+def test_attention_keeps_no_quadratic_tensor_for_backward() -> None:
+    """Nothing of size N^2 is saved for backward (the gradient is accumulated in the forward pass)."""
+    sizes = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.numel())
+        return x
+
+    s = torch.randn(2, 1, 16, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = KDASAttentionLoss(grid=16)(s, torch.randn(2, 1, 16, 16))
+    loss.backward()
+    assert max(sizes) < 256 * 256 and s.grad is not None
+
+
+def test_attention_standardised_map_signal() -> None:
+    """Standardised log-odds: unchanged by adding a constant to the logits, far from uniform rows (unlike
+    probabilities, whose rows are nearly uniform and give a tiny KL)."""
+    inputs = _pair((2, 1, 16, 16), seed=8)
+    inputs = {k: 4.0 * v for k, v in inputs.items()}
+    loss = KDASAttentionLoss(grid=8)
+    base = loss(**inputs)
+    assert torch.allclose(base, loss(inputs["student"] + 3.0, inputs["teacher"] - 1.0), rtol=1e-4)
+    prob = KDASAttentionLoss(grid=8, activation="auto", standardize=False)(**inputs)
+    assert base > 20 * prob
 
 
 def test_attention_student_gradient_is_not_zero_unlike_channel_softmax() -> None:
@@ -100,8 +184,8 @@ def test_attention_student_gradient_is_not_zero_unlike_channel_softmax() -> None
 
 
 def test_attention_row_chunks_give_the_same_value_and_gradient() -> None:
-    s = torch.randn(2, 1, 6, 6, requires_grad=True)
-    t = torch.randn(2, 1, 6, 6)
+    s = (3 * torch.randn(2, 1, 6, 6)).requires_grad_(True)
+    t = 3 * torch.randn(2, 1, 6, 6)
     full = KDASAttentionLoss(row_chunk=4096)(s, t)
     (g_full,) = torch.autograd.grad(full, s)
     chunked = KDASAttentionLoss(row_chunk=5)(s, t)
