@@ -8,6 +8,10 @@ Every preparer writes the same layout, read by the bundles through ``monai.data.
   output folder, :class:`DatasetError`;
 - :mod:`kd_components.data.polyp`: Kvasir-SEG and CVC-ClinicDB (``python -m kd_components.data.polyp --help``);
 - :mod:`kd_components.data.synthetic`: synthetic polyp-like data (``python -m kd_components.data.synthetic --help``);
+- :mod:`kd_components.data.vessels`: DRIVE, CHASE_DB1, ARCADE (COCO) and XCAD, with ``<out>/fov/`` field-of-view
+  masks (``python -m kd_components.data.vessels --help``);
+- :mod:`kd_components.data.synthetic_vessels`: synthetic thin-vessel data
+  (``python -m kd_components.data.synthetic_vessels --help``);
 - :mod:`kd_components.data.pathology`: MoNuSeg 2018 (XML polygons rasterised) and generic H&E tiles
   (``python -m kd_components.data.pathology --help``).
 """
@@ -36,6 +40,9 @@ _LAZY = {
     "prepare_polyp_data": "kd_components.data.polyp",
     "make_synthetic_polyps": "kd_components.data.synthetic",
     "synthetic_polyp_arrays": "kd_components.data.synthetic",
+    "prepare_vessel_data": "kd_components.data.vessels",
+    "make_synthetic_vessels": "kd_components.data.synthetic_vessels",
+    "synthetic_vessel_arrays": "kd_components.data.synthetic_vessels",
     "prepare_pathology_data": "kd_components.data.pathology",
 }
 
@@ -61,14 +68,17 @@ __all__ = [
     "datalist_entries",
     "list_files",
     "make_synthetic_polyps",
+    "make_synthetic_vessels",
     "pair_by_stem",
     "prepare_pathology_data",
     "prepare_polyp_data",
+    "prepare_vessel_data",
     "save_png",
     "split_counts",
     "split_names",
     "staged_output",
     "synthetic_polyp_arrays",
+    "synthetic_vessel_arrays",
     "validate_fractions",
     "write_datalist",
 ]
