@@ -13,7 +13,10 @@ Every preparer writes the same layout, read by the bundles through ``monai.data.
 - :mod:`kd_components.data.synthetic_vessels`: synthetic thin-vessel data
   (``python -m kd_components.data.synthetic_vessels --help``);
 - :mod:`kd_components.data.pathology`: MoNuSeg 2018 (XML polygons rasterised) and generic H&E tiles
-  (``python -m kd_components.data.pathology --help``).
+  (``python -m kd_components.data.pathology --help``);
+- :mod:`kd_components.data.volumes`: ACDC and Synapse / BTCV as NIfTI volumes
+  (``<out>/volumes/{images,labels}/<case>.nii.gz``, patient-level split) and their 2D slices as NPY
+  (``python -m kd_components.data.volumes --help``).
 """
 
 from kd_components.data.common import (
@@ -44,6 +47,11 @@ _LAZY = {
     "make_synthetic_vessels": "kd_components.data.synthetic_vessels",
     "synthetic_vessel_arrays": "kd_components.data.synthetic_vessels",
     "prepare_pathology_data": "kd_components.data.pathology",
+    "prepare_acdc_data": "kd_components.data.volumes",
+    "prepare_synapse_data": "kd_components.data.volumes",
+    "write_slices": "kd_components.data.volumes",
+    "slice_datalist": "kd_components.data.volumes",
+    "SelectSliced": "kd_components.data.volumes",
 }
 
 
@@ -64,16 +72,20 @@ __all__ = [
     "SPLIT_KEYS",
     "DatasetError",
     "DatasetWarning",
+    "SelectSliced",
     "check_output_dir",
     "datalist_entries",
     "list_files",
     "make_synthetic_polyps",
     "make_synthetic_vessels",
     "pair_by_stem",
+    "prepare_acdc_data",
     "prepare_pathology_data",
     "prepare_polyp_data",
+    "prepare_synapse_data",
     "prepare_vessel_data",
     "save_png",
+    "slice_datalist",
     "split_counts",
     "split_names",
     "staged_output",
@@ -81,4 +93,5 @@ __all__ = [
     "synthetic_vessel_arrays",
     "validate_fractions",
     "write_datalist",
+    "write_slices",
 ]
