@@ -8,17 +8,17 @@ prediction that is too thick but follows the right centerlines keeps a clDice of
     Tsens = |S(G) ∩ P| / |S(G)|     (topology sensitivity: true centerline covered by the prediction)
     clDice = 2 Tprec Tsens / (Tprec + Tsens)
 
-with ``S`` the skeleton. The skeleton is, by default, the morphological skeleton computed in torch by the iterated
-min/max pooling of the paper's soft-skeleton (any number of spatial dimensions, on the tensors' device): with
-``erode`` a minimum over the axis-aligned 3-voxel cross, ``dilate`` a maximum over the 3^N window and
-``open = dilate(erode(.))``, ``S(x) = Σ_k relu(erode^k(x) - open(erode^k(x)))`` (accumulated without double
-counting), iterated until the erosion is empty, so no part of the mask is missed whatever its thickness; voxels outside
-the image count as background. On binary masks it is exact and binary: a 1-voxel-wide line is its own skeleton, a
-3-voxel-wide bar gives its centre line. It is not guaranteed to be connected or one voxel thin (unlike
-topology-preserving thinning), which makes clDice slightly more lenient on thick structures than the paper's
-scikit-image ``skeletonize``; ``skeleton="skimage"`` uses that one instead when scikit-image is installed (it is not a
-dependency of this package). The default does not switch to scikit-image by itself, so that reported values do not
-change with the environment.
+with ``S`` the skeleton. The skeleton is, by default, the morphological skeleton of the paper's soft-skeleton, computed
+in torch (1 to 3 spatial dimensions, on the tensors' device) by iterated minimum / maximum filters: with ``erode`` a
+minimum over the axis-aligned 3-voxel cross, ``dilate`` a maximum over the 3^N window and ``open = dilate(erode(.))``,
+``S(x) = Σ_k relu(erode^k(x) - open(erode^k(x)))`` (accumulated without double counting), iterated until the erosion
+is empty, so no part of the mask is missed whatever its thickness; voxels outside the image count as background. On
+binary masks it is binary and is computed with logical operations (the same result as :func:`soft_skeleton`): a
+1-voxel-wide line is its own skeleton, a 3-voxel-wide bar gives its centre line. It is not guaranteed to be connected
+or one voxel thin (unlike topology-preserving thinning), which makes clDice slightly more lenient on thick structures
+than with the paper's scikit-image ``skeletonize``; ``skeleton="skimage"`` uses that one instead when scikit-image is
+installed (it is not a dependency of this package). The default does not switch to scikit-image by itself, so that
+reported values do not change with the environment.
 
 - :func:`soft_skeleton`: the differentiable soft-skeleton (also usable in a clDice loss);
 - :func:`cldice`: per-sample, per-channel clDice of binary tensors ``(B, C, *spatial)``, 1D to 3D;
@@ -48,29 +48,46 @@ from monai.utils import MetricReduction
 __all__ = ["SKELETONS", "ClDiceHandler", "ClDiceMetric", "cldice", "skeletonize", "soft_skeleton"]
 
 SKELETONS = ("torch", "skimage")
-_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def _pool(x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    """Max pooling of ``(B, C, *S)`` with stride 1 and zero padding (outside the image is background)."""
-    pads = [p for k in reversed(kernel) for p in (k // 2, k // 2)]
-    return _POOLS[len(kernel)](F.pad(x, pads, value=0.0), kernel_size=kernel, stride=1)
+def _neighbours(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` shifted by one voxel both ways along ``dim``, filled with zeros (outside the image is background)."""
+    n = x.shape[dim]
+    before, after = torch.zeros_like(x), torch.zeros_like(x)
+    before.narrow(dim, 1, n - 1).copy_(x.narrow(dim, 0, n - 1))
+    after.narrow(dim, 0, n - 1).copy_(x.narrow(dim, 1, n - 1))
+    return before, after
 
 
 def _erode(x: torch.Tensor) -> torch.Tensor:
-    """Soft erosion: minimum over the axis-aligned 3-voxel cross."""
-    nd = x.dim() - 2
-    out = None
-    for axis in range(nd):
-        kernel = tuple(3 if i == axis else 1 for i in range(nd))
-        eroded = -_pool(-x, kernel)  # the zero padding wins over -x <= 0: outside acts as background
-        out = eroded if out is None else torch.minimum(out, eroded)
-    return out  # type: ignore[return-value]
+    """Erosion: minimum (logical and, for bool) over the axis-aligned 3-voxel cross."""
+    combine = torch.logical_and if x.dtype == torch.bool else torch.minimum
+    out = x
+    for dim in range(2, x.dim()):
+        before, after = _neighbours(x, dim)
+        out = combine(out, combine(before, after))
+    return out
 
 
 def _dilate(x: torch.Tensor) -> torch.Tensor:
-    """Soft dilation: maximum over the 3^N window."""
-    return _pool(x, (3,) * (x.dim() - 2))
+    """Dilation: maximum (logical or, for bool) over the 3^N window, one axis after the other."""
+    combine = torch.logical_or if x.dtype == torch.bool else torch.maximum
+    for dim in range(2, x.dim()):
+        before, after = _neighbours(x, dim)
+        x = combine(x, combine(before, after))
+    return x
+
+
+def _binary_skeleton(mask: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+    """:func:`soft_skeleton` of a bool mask with logical operations (the same result, less memory and time)."""
+    x = mask
+    skeleton = x & ~_dilate(_erode(x))
+    for _ in range(iterations if iterations is not None else max(x.shape[2:]) // 2 + 1):
+        x = _erode(x)
+        if iterations is None and not bool(x.any()):
+            break
+        skeleton |= x & ~_dilate(_erode(x))
+    return skeleton
 
 
 def _check_spatial(x: torch.Tensor, name: str) -> None:
@@ -80,7 +97,7 @@ def _check_spatial(x: torch.Tensor, name: str) -> None:
 
 
 def soft_skeleton(x: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
-    """Soft-skeleton of Shit et al. (2021) by iterated min/max pooling; exact morphological skeleton for 0/1 input.
+    """Soft-skeleton of Shit et al. (2021) by iterated min/max filters; the morphological skeleton for 0/1 input.
 
     Args:
         x: ``(B, C, *spatial)`` values in [0, 1] (1 to 3 spatial dimensions); differentiable.
@@ -131,7 +148,7 @@ def skeletonize(mask: torch.Tensor, skeleton: str = "torch", iterations: int | N
     _check_spatial(mask, "mask")
     binary = mask.float() > 0.5
     if skeleton == "torch":
-        return soft_skeleton(binary.float(), iterations) > 0.5
+        return _binary_skeleton(binary, iterations)
     if skeleton == "skimage":
         return _skimage_skeleton(binary)
     raise ValueError(f"skeleton must be one of {SKELETONS}, got {skeleton!r}")

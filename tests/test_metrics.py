@@ -83,6 +83,13 @@ def test_skeleton_of_a_bar_is_its_centre_line():
     assert skeletonize(full).any() and cldice(full, full).item() == 1
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 40, 36), (1, 2, 20, 18, 16)])
+def test_binary_skeleton_equals_the_soft_skeleton_of_a_binary_mask(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.4
+    assert torch.equal(skeletonize(mask), soft_skeleton(mask.float()) > 0.5)
+    assert torch.equal(skeletonize(mask, iterations=2), soft_skeleton(mask.float(), iterations=2) > 0.5)
+
+
 def test_soft_skeleton_is_differentiable_and_in_range():
     x = torch.rand(2, 1, 16, 16, requires_grad=True)
     skeleton = soft_skeleton(x, iterations=5)
