@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.handlers import MLFlowHandler
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -120,7 +121,11 @@ class DistillationTrainer(SupervisedTrainer):
         self.teacher_taps = FeatureTaps(teacher, terms.taps("teacher"), owner="teacher", active=False)
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._pending_check: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.add_event_handler(Events.ITERATION_STARTED, self._start_recording)
+        # the finiteness check waits until backward is queued (one host sync, before the optimizer step)
+        self.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._check_finite_loss)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._check_finite_loss)  # iterations without backward
         self.add_event_handler(Events.EPOCH_STARTED, self._reset_epoch_means)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._write_epoch_means)
         handlers = list(train_handlers or [])
@@ -162,8 +167,8 @@ class DistillationTrainer(SupervisedTrainer):
             if self._needs_teacher:
                 self.teacher.eval()
                 self.teacher_taps.active = True
-                with torch.no_grad():
-                    sources["teacher"] = _plain(self.inferer(image, self.teacher))
+                with torch.no_grad():  # not inference_mode: terms may save teacher tensors for backward
+                    sources["teacher"] = _plain(self.inferer(_plain(image), self.teacher))
                 for name in self.teacher_taps.names:
                     sources[f"teacher:{name}"] = _plain(self.teacher_taps[name])
             supervised = self._supervised_value(pred, label)
@@ -180,10 +185,21 @@ class DistillationTrainer(SupervisedTrainer):
         terms.update({k: v.detach() for k, v in extra.items()})  # reported only, not part of the total
         for name, value in terms.items():
             self.state.output[term_output_key(name)] = value
-        if self.check_finite and not bool(torch.isfinite(total)):
-            self._raise_non_finite(terms)
+        if self.check_finite:  # checked in _check_finite_loss, without a host sync here
+            self._pending_check = (torch.isfinite(total.detach()), terms)
         self._accumulate(terms)
         return total
+
+    def _check_finite_loss(self) -> None:
+        """Raise the non-finite-loss error of this iteration, if any.
+
+        Runs at ``BACKWARD_COMPLETED``: the device has the whole forward and backward pass queued, and the optimizer
+        has not stepped, so the weights are never updated from a non-finite loss. Checking right after the loss
+        would stall the host (on CUDA) before it could queue the backward pass.
+        """
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None and not bool(pending[0]):
+            self._raise_non_finite(pending[1])
 
     # Hooks for subclasses (adversarial, semi-supervised trainers); the defaults are the plain behaviour.
 
