@@ -1,0 +1,79 @@
+"""scripts/benchmark.py on the tiny ``--quick`` setting: well-formed JSON and markdown, positive finite ratios.
+
+No timing assertions: the numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from scripts import benchmark
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("benchmark")
+    argv = ["--quick", "--threads", "1", "--bundle", "polyp_kdas", "--methods", "kdas", "none", "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    return out, json.loads((out / "benchmark.json").read_text())
+
+
+def test_inference_section(quick_run) -> None:
+    _, data = quick_run
+    assert data["machine"]["device"] == "cpu" and data["command"].startswith("python scripts/benchmark.py")
+    (bundle,) = data["bundles"]
+    assert bundle["bundle"] == "polyp_kdas"
+    inference = bundle["inference"]
+    assert inference["image_size"] == [32, 32] and inference["batch"] == 1
+    for name in ("teacher", "student"):
+        net = inference[name]
+        assert net["params"] > 0 and _positive(net["gflops_per_input"]) and _positive(net["images_per_s"])
+        assert _positive(net["latency"]["median_ms"]) and net["latency"]["iqr_ms"] >= 0
+        assert net["peak_mib"] >= 0
+    assert inference["teacher"]["params"] > inference["student"]["params"]
+    for key in ("params", "gflops_per_input", "latency", "images_per_s"):
+        assert _positive(inference["ratios"][key]), key
+
+
+def test_training_section(quick_run) -> None:
+    _, data = quick_run
+    training = data["bundles"][0]["training"]
+    assert training["batch_size"] == 2 and training["image_size"] == [32, 32] and training["amp"] is False
+    for step in ("student_step", "teacher_forward"):
+        assert _positive(training[step]["median_ms"]) and training[step]["n"] == 3
+    assert list(training["methods"]) == ["kdas"]
+    kdas = training["methods"]["kdas"]
+    assert _positive(kdas["overhead_ratio"]) and _positive(kdas["median_ms"])
+    assert kdas["terms"] == ["kdas_attention", "kdas_sgm"]
+    assert "none" in training["skipped"]  # the student alone is the plain step, not a distillation method
+    loader = training["loader"]
+    assert loader["num_workers"] == 0 and _positive(loader["per_batch"]["median_ms"]) and loader["first_batch_s"] > 0
+
+
+def test_markdown_tables(quick_run) -> None:
+    out, _ = quick_run
+    text = (out / "benchmark.md").read_text()
+    assert text.startswith("Command: `python scripts/benchmark.py --quick")
+    for header in ("| network | params | GFLOPs / input | latency median (ms)", "| step | median (ms) | IQR (ms)"):
+        assert header in text
+    for row in ("| teacher |", "| student |", "| student / teacher |", "| (a) student step", "| (b) teacher forward"):
+        assert row in text
+    assert "| (c) kdas: DistillationTrainer iteration (kdas_attention, kdas_sgm) |" in text
+    assert "| data loader, per batch (0 workers" in text
+
+
+def test_helpers() -> None:
+    assert "polyp_kdas" in benchmark.bundle_names()
+    stats = benchmark.summarize([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert stats["median_ms"] == pytest.approx(3.0) and stats["iqr_ms"] == pytest.approx(2.0) and stats["n"] == 5
+    config = {"_target_": "kd_components.DistillationTrainer"}
+    assert benchmark.is_distillation_trainer(config)
+    assert not benchmark.is_distillation_trainer({"_target_": "SupervisedTrainer"})
