@@ -62,16 +62,6 @@ def prediction_map(logits: torch.Tensor, channel: int, activation: str) -> torch
 _EXP_FLOOR = -60.0
 
 
-def _scaled_outer_exp(rows: torch.Tensor, vec: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor):
-    """``out[b, i, j] = exp(x_i x_j - max_j x_i x_j)`` for a block of rows ``x_i`` (``rows`` ``(B, r)``) against
-    every position ``x_j`` (``vec`` ``(B, N)``, with its max ``hi`` and min ``lo``, ``(B, 1)``), written in place into
-    ``out`` ``(B, r, N)`` (arguments below ``_EXP_FLOOR`` are raised to it). The row maximum of a rank-one matrix is
-    closed-form: ``x_i * max(x)`` if ``x_i >= 0``, else ``x_i * min(x)``. Returns ``(out, row maxima (B, r))``."""
-    row_max = torch.where(rows >= 0, rows * hi, rows * lo)
-    torch.mul(rows.unsqueeze(-1), vec.unsqueeze(-2), out=out)
-    return out.sub_(row_max.unsqueeze(-1)).clamp_(min=_EXP_FLOOR).exp_(), row_max
-
-
 class _RankOneAttentionKL(torch.autograd.Function):
     """``sum over b, i of KL(softmax_j(t_i t_j) || softmax_j(s_i s_j))`` for maps ``s``, ``t`` ``(B, N)`` (already
     divided by sqrt(tau)), and its gradient with respect to ``s``, in one pass over row blocks.
@@ -81,40 +71,50 @@ class _RankOneAttentionKL(torch.autograd.Function):
     ``d(sum_i KL_i) / d s_k = (S s - Q s)_k + sum_i s_i (S_ik - Q_ik)``: both need only matrix-vector products with
     each block of exp(x_i x_j) rows, so the gradient is accumulated during the forward pass (no N^2 tensor is kept
     for backward and nothing is recomputed); the backward pass scales it by the incoming gradient.
+
+    Each block ``exp(x_i x_j - max_j x_i x_j)`` is written in place into one work buffer; the row maximum of a
+    rank-one matrix is closed-form (``x_i max(x)`` if ``x_i >= 0``, else ``x_i min(x)``). Per block and side there
+    are six tensor operations; everything per row is done once, vectorised, after the loop.
     """
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, row_chunk: int, need_grad: bool) -> torch.Tensor:  # type: ignore[override]
         batch, num = s.shape
-        s_hi, s_lo = s.amax(dim=1, keepdim=True), s.amin(dim=1, keepdim=True)
-        t_hi, t_lo = t.amax(dim=1, keepdim=True), t.amin(dim=1, keepdim=True)
+        x = torch.stack([t, s])  # (2, B, N): teacher, student
+        hi, lo = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+        row_max = torch.where(x >= 0, x * hi, x * lo)
+        # the smallest exp argument of row i is -|x_i| (max(x) - min(x)); skip the clamp when none can be denormal
+        # (decided on the host for CPU tensors only: elsewhere that would be a device sync)
+        spread = (hi - lo) * x.abs().amax(dim=-1, keepdim=True)
+        clamp = x.device.type != "cpu" or bool(spread.max() > -_EXP_FLOOR)
         # products with [1, t - s, s]: row sums, Q (t - s), Q s for the teacher; row sums, (unused), S s for the
         # student. t_i (Q t)_i - s_i (Q s)_i = t_i (Q (t - s))_i + (t_i - s_i) (Q s)_i avoids cancellation, and the
-        # same inputs on both sides make loss and gradient exactly zero when s == t. Laid out (B, 3, N) and
-        # multiplied by the transposed block: much faster than (block @ (B, N, 3)) for a skinny right side.
+        # same inputs on both sides make the loss exactly zero when s == t. Laid out (B, 3, N) and multiplied by
+        # the transposed block: much faster than block @ (B, N, 3) for a skinny right side.
         vec = torch.stack([torch.ones_like(s), t - s, s], dim=1)
-        grad = torch.zeros_like(s) if need_grad else None
-        total = s.new_zeros(())
+        s_row = s.unsqueeze(1)
+        grad = s.new_zeros(batch, 1, num) if need_grad else None
+        products: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         work = s.new_empty(batch, min(row_chunk, num), num)
         for start in range(0, num, row_chunk):
             rows = slice(start, start + row_chunk)
             block = work[:, : min(row_chunk, num - start)]
-            s_rows, t_rows = s[:, rows], t[:, rows]
-            e, max_t = _scaled_outer_exp(t_rows, t, t_hi, t_lo, block)
-            z_t, q_diff, qs = torch.bmm(vec, e.transpose(1, 2)).unbind(1)
-            if need_grad:
-                grad.sub_(torch.bmm((s_rows / z_t).unsqueeze(1), e).squeeze(1))
-            e, max_s = _scaled_outer_exp(s_rows, s, s_hi, s_lo, block)
-            z_s, _, ss = torch.bmm(vec, e.transpose(1, 2)).unbind(1)
-            if need_grad:
-                grad.add_(torch.bmm((s_rows / z_s).unsqueeze(1), e).squeeze(1))
-                grad[:, rows] += (ss / z_s) - (qs / z_t)
-            cross = (t_rows * q_diff + (t_rows - s_rows) * qs) / z_t
-            kl = cross + ((max_s + z_s.log()) - (max_t + z_t.log()))  # + LSE_s(i) - LSE_t(i)
-            total = total + kl.sum()
+            for side, sign in ((0, -1.0), (1, 1.0)):  # teacher, then student
+                torch.mul(x[side, :, rows, None], x[side, :, None, :], out=block)
+                block.sub_(row_max[side, :, rows, None])
+                if clamp:
+                    block.clamp_(min=_EXP_FLOOR)
+                block.exp_()
+                reduced = torch.bmm(vec, block.transpose(1, 2))  # (B, 3, r)
+                products[side].append(reduced)
+                if need_grad:  # -/+ sum_i s_i / Z_i exp(...)_ik
+                    grad.baddbmm_(s_row[:, :, rows] / reduced[:, :1], block, alpha=sign)
+        z_t, q_diff, qs = torch.cat(products[0], dim=-1).unbind(1)
+        z_s, _, ss = torch.cat(products[1], dim=-1).unbind(1)
         if need_grad:
-            ctx.save_for_backward(grad)
-        return total
+            ctx.save_for_backward(grad.squeeze(1) + (ss / z_s - qs / z_t))
+        cross = (t * q_diff + (t - s) * qs) / z_t
+        return (cross + ((row_max[1] + z_s.log()) - (row_max[0] + z_t.log()))).sum()  # + LSE_s(i) - LSE_t(i)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
