@@ -10,8 +10,9 @@ For each bundle (default: every folder under ``bundles/`` with ``configs/train.j
 * **training** at the bundle's training size and batch: (a) a plain student step (forward, backward, optimizer),
   (b) a teacher forward without gradients, (c) one ``DistillationTrainer`` iteration for every method the bundle
   offers (``configs/methods/<name>.json`` merged onto ``train.json``), and the overhead ratio
-  ``(c) / ((a) + (b))``: 1.0 means distillation costs nothing beyond the teacher's forward pass. Next to it, the
-  time per batch of the bundle's own training data loader.
+  ``(c) / ((a) + (b))``: 1.0 means distillation costs nothing beyond the teacher's forward pass. It is the median
+  over rounds of ``c_r / (a_r + b_r)``, the three measured in the same round (the ratio of the medians is in the
+  JSON too). Next to it, the time per batch of the bundle's own training data loader.
 
 The trainers are the bundle's own, built with ``monai.bundle.ConfigParser`` (the teacher checkpoint is a randomly
 initialised teacher saved in a temporary folder: weights do not change the cost). (c) is the trainer's own
@@ -99,40 +100,61 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def summarize(seconds: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles and inter-quartile range, in milliseconds, of repeated timings given in seconds."""
-    ms = sorted(1e3 * s for s in seconds)
+def summarize(seconds: Sequence[float]) -> dict[str, Any]:
+    """Median, quartiles and inter-quartile range, in milliseconds, of repeated timings given in seconds (the
+    samples are kept, in order, under ``"samples_ms"``)."""
+    samples = [1e3 * s for s in seconds]
+    ms = sorted(samples)
     if len(ms) >= 2:
         q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
     else:
         q1 = q3 = ms[0]
-    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms)}
+    return {
+        "median_ms": statistics.median(ms),
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "iqr_ms": q3 - q1,
+        "n": len(ms),
+        "samples_ms": samples,
+    }
 
 
 def time_interleaved(
     calls: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Time every call ``repeats`` times after ``warmup`` untimed runs, one call of each per round.
 
     Interleaving spreads the load of other processes over all calls alike, so their ratios stay meaningful on a
-    shared machine.
+    shared machine; the order is rotated by one call each round so that no call always runs first or last.
 
     Returns:
-        ``{name: summarize(seconds)}``.
+        ``{name: summarize(seconds)}``; ``samples_ms[r]`` of every call comes from round ``r``.
     """
+    names = list(calls)
     for _ in range(warmup):
         for fn in calls.values():
             fn()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             synchronize(device)
             start = time.perf_counter()
-            fn()
+            calls[name]()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: summarize(s) for name, s in samples.items()}
+
+
+def paired_ratio(numerator: Sequence[float], *denominator: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles over rounds of ``numerator[r] / sum(d[r] for d in denominator)``.
+
+    Pairing the calls of one round cancels slow changes of the machine's load between rounds.
+    """
+    ratios = sorted(n / sum(d) for n, *d in zip(numerator, *denominator))
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else (ratios[0],) * 3
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3}
 
 
 def flops_per_input(network: nn.Module, example: torch.Tensor, amp: bool = False) -> float:
@@ -480,7 +502,17 @@ def benchmark_training(
         result["methods"][name] = {
             **timings[key],
             "peak_mib": peaks[key],
-            "overhead_ratio": _ratio(timings[key]["median_ms"], base),
+            "overhead_ratio": paired_ratio(
+                timings[key]["samples_ms"],
+                timings["student_step"]["samples_ms"],
+                timings["teacher_forward"]["samples_ms"],
+            )["median"],
+            "overhead_ratio_quartiles": paired_ratio(
+                timings[key]["samples_ms"],
+                timings["student_step"]["samples_ms"],
+                timings["teacher_forward"]["samples_ms"],
+            ),
+            "ratio_of_medians": _ratio(timings[key]["median_ms"], base),
             "terms": [t.name for t in trainer._terms.terms],
             "student_taps": list(trainer.student_taps.names),
             "teacher_taps": list(trainer.teacher_taps.names),
@@ -641,23 +673,24 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"### {item['bundle']}: training iteration ({_size(tr['image_size'])}, batch {tr['batch_size']}, "
             f"AMP {'on' if tr['amp'] else 'off'})",
             "",
-            "| step | median (ms) | IQR (ms) | peak memory (MiB) | overhead (c) / ((a) + (b)) |",
-            "|---|---:|---:|---:|---:|",
+            "| step | median (ms) | IQR (ms) | peak memory (MiB) | overhead (c) / ((a) + (b)) | its IQR over rounds |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         a, b = tr["student_step"], tr["teacher_forward"]
         lines.append(
             f"| (a) student step (forward + backward + optimizer) | {_fmt(a['median_ms'])} | {_fmt(a['iqr_ms'])} | "
-            f"{_fmt(a['peak_mib'])} | |"
+            f"{_fmt(a['peak_mib'])} | | |"
         )
         lines.append(
             f"| (b) teacher forward, no gradients | {_fmt(b['median_ms'])} | {_fmt(b['iqr_ms'])} | "
-            f"{_fmt(b['peak_mib'])} | |"
+            f"{_fmt(b['peak_mib'])} | | |"
         )
-        lines.append(f"| (a) + (b) | {_fmt(tr['ideal_ms'])} | | | 1.000 (ideal) |")
+        lines.append(f"| (a) + (b) | {_fmt(tr['ideal_ms'])} | | | 1.000 (ideal) | |")
         for name, m in tr["methods"].items():
             lines.append(
                 f"| (c) {name}: DistillationTrainer iteration ({', '.join(m['terms'])}) | {_fmt(m['median_ms'])} | "
-                f"{_fmt(m['iqr_ms'])} | {_fmt(m['peak_mib'])} | **{_fmt(m['overhead_ratio'], 3)}** |"
+                f"{_fmt(m['iqr_ms'])} | {_fmt(m['peak_mib'])} | **{_fmt(m['overhead_ratio'], 3)}** | "
+                f"{_fmt(m['overhead_ratio_quartiles']['q3'] - m['overhead_ratio_quartiles']['q1'], 3)} |"
             )
         loader = tr["loader"]
         if "per_batch" in loader:
@@ -665,10 +698,10 @@ def markdown_report(results: dict[str, Any]) -> str:
             lines.append(
                 f"| data loader, per batch ({loader['num_workers']} workers; first batch "
                 f"{_fmt(loader['first_batch_s'], 2)} s, dataset cache + trainer build "
-                f"{_fmt(loader['cache_and_build_s'], 2)} s) | {_fmt(p['median_ms'])} | {_fmt(p['iqr_ms'])} | | |"
+                f"{_fmt(loader['cache_and_build_s'], 2)} s) | {_fmt(p['median_ms'])} | {_fmt(p['iqr_ms'])} | | | |"
             )
         else:
-            lines.append(f"| data loader | {loader.get('skipped', 'n/a')} | | | |")
+            lines.append(f"| data loader | {loader.get('skipped', 'n/a')} | | | | |")
         if tr.get("skipped"):
             lines.append("")
             lines.append("Not measured: " + "; ".join(f"{k} ({v})" for k, v in tr["skipped"].items()) + ".")
