@@ -44,6 +44,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import pydoc
 import statistics
@@ -72,8 +73,15 @@ from kd_components.utils import count_parameters  # noqa: E402
 
 __all__ = [
     "bundle_names",
+    "method_names",
     "summarize",
     "time_interleaved",
+    "paired_ratio",
+    "keep_freed_memory",
+    "trainer_config",
+    "is_distillation_trainer",
+    "add_plain_trainer",
+    "run_iteration",
     "flops_per_input",
     "peak_memory_mib",
     "benchmark_inference",
@@ -136,15 +144,49 @@ def time_interleaved(
             fn()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    faults: dict[str, list[int]] = {name: [] for name in calls}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
+            faults_before = _minor_faults()
             start = time.perf_counter()
             calls[name]()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: summarize(s) for name, s in samples.items()}
+            faults[name].append(_minor_faults() - faults_before)
+    return {name: {**summarize(s), "page_faults": statistics.median(faults[name])} for name, s in samples.items()}
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is not available)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc's allocator to keep freed memory instead of returning it to the system (Linux only).
+
+    Sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to ``limit`` bytes with ``mallopt``, as the environment
+    variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` would: large tensors are then reused from the
+    heap rather than mapped, zero-filled page by page (minor page faults) and unmapped at every step. Returns
+    whether both settings were accepted.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+    except (OSError, AttributeError):
+        return False
 
 
 def paired_ratio(numerator: Sequence[float], *denominator: Sequence[float]) -> dict[str, float]:
@@ -365,8 +407,8 @@ def benchmark_loader(loader: Any, batches: int) -> tuple[dict[str, Any], list[An
                 first = elapsed
             else:
                 times.append(elapsed)
-            if len(kept) < batches:
-                kept.append(batch)
+            if len(kept) < batches and (not kept or _batch_len(batch) == _batch_len(kept[0])):
+                kept.append(batch)  # full batches only (an epoch's last batch may be smaller)
             if len(times) >= batches:
                 break
             start = time.perf_counter()
@@ -377,6 +419,11 @@ def benchmark_loader(loader: Any, batches: int) -> tuple[dict[str, Any], list[An
         "per_batch": summarize(times),
         "num_workers": getattr(loader, "num_workers", 0),
     }, kept
+
+
+def _batch_len(batch: Any) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(first)
 
 
 def _random_batches(shape: Sequence[int], num_classes: int, count: int) -> list[dict[str, torch.Tensor]]:
@@ -603,9 +650,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = os.getloadavg()[0]  # other processes' load at the start
     try:
         import monai
 
@@ -639,7 +688,8 @@ def markdown_report(results: dict[str, Any]) -> str:
     machine = results["machine"]
     lines = [
         f"Machine: {machine.get('gpu', machine['platform'])}, device {machine['device']}, "
-        f"{machine['torch_threads']} torch threads, torch {machine['torch']}.",
+        f"{machine['torch_threads']} torch threads, torch {machine['torch']}"
+        + (", glibc keeping freed memory (mallopt)." if machine.get("keep_freed_memory") else "."),
         "",
     ]
     for item in results["bundles"]:
@@ -673,23 +723,25 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"### {item['bundle']}: training iteration ({_size(tr['image_size'])}, batch {tr['batch_size']}, "
             f"AMP {'on' if tr['amp'] else 'off'})",
             "",
-            "| step | median (ms) | IQR (ms) | peak memory (MiB) | overhead (c) / ((a) + (b)) | its IQR over rounds |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| step | median (ms) | IQR (ms) | peak memory (MiB) | minor page faults | overhead (c) / ((a) + (b)) "
+            "| its IQR over rounds |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         a, b = tr["student_step"], tr["teacher_forward"]
         lines.append(
             f"| (a) student step (forward + backward + optimizer) | {_fmt(a['median_ms'])} | {_fmt(a['iqr_ms'])} | "
-            f"{_fmt(a['peak_mib'])} | | |"
+            f"{_fmt(a['peak_mib'])} | {_fmt(a.get('page_faults'), 0)} | | |"
         )
         lines.append(
             f"| (b) teacher forward, no gradients | {_fmt(b['median_ms'])} | {_fmt(b['iqr_ms'])} | "
-            f"{_fmt(b['peak_mib'])} | | |"
+            f"{_fmt(b['peak_mib'])} | {_fmt(b.get('page_faults'), 0)} | | |"
         )
-        lines.append(f"| (a) + (b) | {_fmt(tr['ideal_ms'])} | | | 1.000 (ideal) | |")
+        lines.append(f"| (a) + (b) | {_fmt(tr['ideal_ms'])} | | | | 1.000 (ideal) | |")
         for name, m in tr["methods"].items():
             lines.append(
                 f"| (c) {name}: DistillationTrainer iteration ({', '.join(m['terms'])}) | {_fmt(m['median_ms'])} | "
-                f"{_fmt(m['iqr_ms'])} | {_fmt(m['peak_mib'])} | **{_fmt(m['overhead_ratio'], 3)}** | "
+                f"{_fmt(m['iqr_ms'])} | {_fmt(m['peak_mib'])} | {_fmt(m.get('page_faults'), 0)} | "
+                f"**{_fmt(m['overhead_ratio'], 3)}** | "
                 f"{_fmt(m['overhead_ratio_quartiles']['q3'] - m['overhead_ratio_quartiles']['q1'], 3)} |"
             )
         loader = tr["loader"]
@@ -698,10 +750,10 @@ def markdown_report(results: dict[str, Any]) -> str:
             lines.append(
                 f"| data loader, per batch ({loader['num_workers']} workers; first batch "
                 f"{_fmt(loader['first_batch_s'], 2)} s, dataset cache + trainer build "
-                f"{_fmt(loader['cache_and_build_s'], 2)} s) | {_fmt(p['median_ms'])} | {_fmt(p['iqr_ms'])} | | | |"
+                f"{_fmt(loader['cache_and_build_s'], 2)} s) | {_fmt(p['median_ms'])} | {_fmt(p['iqr_ms'])} | | | | |"
             )
         else:
-            lines.append(f"| data loader | {loader.get('skipped', 'n/a')} | | | | |")
+            lines.append(f"| data loader | {loader.get('skipped', 'n/a')} | | | | | |")
         if tr.get("skipped"):
             lines.append("")
             lines.append("Not measured: " + "; ".join(f"{k} ({v})" for k, v in tr["skipped"].items()) + ".")
@@ -735,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each measurement (default: 7)")
     parser.add_argument("--loader_batches", type=int, default=None, help="batches to time the loader on (default: 6)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="glibc: keep freed memory in the process (mallopt), avoiding page faults on every large allocation",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny setting: 32x32, batch 2, 3 repeats, no workers")
     return parser
 
@@ -755,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.bundle or bundle_names()
     unknown = [n for n in names if not (BUNDLES / n / "configs" / "train.json").is_file()]
@@ -762,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"no bundle {unknown} under {BUNDLES} (available: {bundle_names()})")
     results: dict[str, Any] = {
         "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), "keep_freed_memory": kept},
         "settings": {k: v for k, v in vars(args).items()},
         "bundles": [],
     }

@@ -49,9 +49,12 @@ def test_training_section(quick_run) -> None:
     assert training["batch_size"] == 2 and training["image_size"] == [32, 32] and training["amp"] is False
     for step in ("student_step", "teacher_forward"):
         assert _positive(training[step]["median_ms"]) and training[step]["n"] == 3
+        assert training[step]["page_faults"] >= 0 and len(training[step]["samples_ms"]) == 3
     assert list(training["methods"]) == ["kdas"]
     kdas = training["methods"]["kdas"]
-    assert _positive(kdas["overhead_ratio"]) and _positive(kdas["median_ms"])
+    assert _positive(kdas["overhead_ratio"]) and _positive(kdas["median_ms"]) and _positive(kdas["ratio_of_medians"])
+    quartiles = kdas["overhead_ratio_quartiles"]
+    assert quartiles["q1"] <= kdas["overhead_ratio"] <= quartiles["q3"]
     assert kdas["terms"] == ["kdas_attention", "kdas_sgm"]
     assert "none" in training["skipped"]  # the student alone is the plain step, not a distillation method
     loader = training["loader"]
@@ -62,7 +65,11 @@ def test_markdown_tables(quick_run) -> None:
     out, _ = quick_run
     text = (out / "benchmark.md").read_text()
     assert text.startswith("Command: `python scripts/benchmark.py --quick")
-    for header in ("| network | params | GFLOPs / input | latency median (ms)", "| step | median (ms) | IQR (ms)"):
+    headers = (
+        "| network | params | GFLOPs / input | latency median (ms)",
+        "| step | median (ms) | IQR (ms) | peak memory (MiB) | minor page faults | overhead (c) / ((a) + (b))",
+    )
+    for header in headers:
         assert header in text
     for row in ("| teacher |", "| student |", "| student / teacher |", "| (a) student step", "| (b) teacher forward"):
         assert row in text
@@ -72,6 +79,7 @@ def test_markdown_tables(quick_run) -> None:
 
 def test_helpers() -> None:
     assert "polyp_kdas" in benchmark.bundle_names()
+    assert benchmark.paired_ratio([3.0, 6.0], [1.0, 2.0], [1.0, 1.0])["median"] == pytest.approx(1.75)
     stats = benchmark.summarize([0.001, 0.002, 0.003, 0.004, 0.005])
     assert stats["median_ms"] == pytest.approx(3.0) and stats["iqr_ms"] == pytest.approx(2.0) and stats["n"] == 5
     config = {"_target_": "kd_components.DistillationTrainer"}
