@@ -73,6 +73,7 @@ from kd_components.data.common import (
     format_names,
     list_files,
     pair_by_stem,
+    run_cli,
     save_png,
     split_names_fixed,
     staged_output,
@@ -724,28 +725,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = prepare_pathology_data(
-            out_dir=args.out,
-            monuseg_dir=args.monuseg,
-            tiles_dir=args.tiles,
-            monuseg_test_dir=args.monuseg_test,
-            num_classes=args.num_classes,
-            tiles_name=args.name,
-            max_size=args.max_size,
-            seed=args.seed,
-            fractions=args.fractions,
-            test_names=_read_test_list(args.test_list),
-            instances=args.instances,
-            supersample=args.supersample,
-            overwrite=args.overwrite,
-            limit=args.limit,
-        )
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return run_cli(
+        prepare_pathology_data,
+        out_dir=args.out,
+        monuseg_dir=args.monuseg,
+        tiles_dir=args.tiles,
+        monuseg_test_dir=args.monuseg_test,
+        num_classes=args.num_classes,
+        tiles_name=args.name,
+        max_size=args.max_size,
+        seed=args.seed,
+        fractions=args.fractions,
+        test_names=_read_test_list(args.test_list),
+        instances=args.instances,
+        supersample=args.supersample,
+        overwrite=args.overwrite,
+        limit=args.limit,
+    )
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from kd_components.data.common import (
     format_names,
     list_files,
     pair_by_stem,
+    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -510,23 +511,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kvasir is None and args.clinicdb is None:
         parser.error("pass --kvasir DIR and/or --clinicdb DIR")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = prepare_polyp_data(
-            out_dir=args.out,
-            kvasir_dir=args.kvasir,
-            clinicdb_dir=args.clinicdb,
-            max_size=args.max_size,
-            seed=args.seed,
-            fractions=args.fractions,
-            overwrite=args.overwrite,
-            limit=args.limit,
-            empty_masks=args.empty_masks,
-        )
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return run_cli(
+        prepare_polyp_data,
+        out_dir=args.out,
+        kvasir_dir=args.kvasir,
+        clinicdb_dir=args.clinicdb,
+        max_size=args.max_size,
+        seed=args.seed,
+        fractions=args.fractions,
+        overwrite=args.overwrite,
+        limit=args.limit,
+        empty_masks=args.empty_masks,
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from kd_components.data.common import (
     LABELS_DIR,
     DatasetError,
     datalist_entries,
+    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -253,22 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
     """
     args = build_parser().parse_args(argv)
-    try:
-        path = make_synthetic_polyps(
-            out_dir=args.out,
-            n=args.n,
-            size=tuple(args.size),
-            seed=args.seed,
-            fractions=args.fractions,
-            overwrite=args.overwrite,
-            max_blobs=args.max_blobs,
-            empty_fraction=args.empty_fraction,
-        )
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return run_cli(
+        make_synthetic_polyps,
+        out_dir=args.out,
+        n=args.n,
+        size=tuple(args.size),
+        seed=args.seed,
+        fractions=args.fractions,
+        overwrite=args.overwrite,
+        max_blobs=args.max_blobs,
+        empty_fraction=args.empty_fraction,
+    )
 
 
 if __name__ == "__main__":

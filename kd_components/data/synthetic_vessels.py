@@ -51,6 +51,7 @@ from kd_components.data.common import (
     LABELS_DIR,
     SPLIT_KEYS,
     DatasetError,
+    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -409,23 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
     """
     args = build_parser().parse_args(argv)
-    try:
-        path = make_synthetic_vessels(
-            out_dir=args.out,
-            n=args.n,
-            size=tuple(args.size),
-            seed=args.seed,
-            fractions=args.fractions,
-            overwrite=args.overwrite,
-            modality=args.modality,
-            fov=args.fov,
-            contrast=args.contrast,
-        )
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return run_cli(
+        make_synthetic_vessels,
+        out_dir=args.out,
+        n=args.n,
+        size=tuple(args.size),
+        seed=args.seed,
+        fractions=args.fractions,
+        overwrite=args.overwrite,
+        modality=args.modality,
+        fov=args.fov,
+        contrast=args.contrast,
+    )
 
 
 if __name__ == "__main__":

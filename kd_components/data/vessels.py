@@ -95,6 +95,7 @@ from kd_components.data.common import (
     format_names,
     list_files,
     pair_by_stem,
+    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -964,25 +965,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     dataset = next(name for name in DATASETS if getattr(args, name) is not None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = prepare_vessel_data(
-            out_dir=args.out,
-            dataset=dataset,
-            source_dir=getattr(args, dataset),
-            seed=args.seed,
-            fractions=args.fractions,
-            overwrite=args.overwrite,
-            max_size=args.max_size,
-            annotator=args.annotator,
-            arcade_segments=args.arcade_segments,
-            fov_threshold=args.fov_threshold,
-            unlabeled=not args.no_unlabeled,
-        )
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return run_cli(
+        prepare_vessel_data,
+        out_dir=args.out,
+        dataset=dataset,
+        source_dir=getattr(args, dataset),
+        seed=args.seed,
+        fractions=args.fractions,
+        overwrite=args.overwrite,
+        max_size=args.max_size,
+        annotator=args.annotator,
+        arcade_segments=args.arcade_segments,
+        fov_threshold=args.fov_threshold,
+        unlabeled=not args.no_unlabeled,
+    )
 
 
 if __name__ == "__main__":
