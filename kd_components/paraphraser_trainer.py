@@ -60,7 +60,8 @@ class ParaphraserTrainer(SupervisedTrainer):
         teacher: the trained teacher; frozen here (eval mode, ``requires_grad=False``).
         tap: the teacher submodule whose output is paraphrased (a name in ``teacher.named_modules()``).
         image_key: the batch key of the images.
-        kwargs: every other argument of ``SupervisedTrainer`` (``amp``, ``train_handlers``, ``inferer`` for the
+        train_handlers: handlers attached after the trainer's own (so they see ``train_reconstruction``).
+        kwargs: every other argument of ``SupervisedTrainer`` (``amp``, ``inferer`` for the
             paraphraser, ...) except ``loss_function`` and ``prepare_batch``.
 
     Raises:
@@ -77,6 +78,7 @@ class ParaphraserTrainer(SupervisedTrainer):
         teacher: nn.Module,
         tap: str,
         image_key: str = "image",
+        train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
         for fixed in ("loss_function", "prepare_batch"):
@@ -90,6 +92,7 @@ class ParaphraserTrainer(SupervisedTrainer):
             optimizer=optimizer,
             loss_function=reconstruction_l2,
             prepare_batch=self._teacher_feature,
+            train_handlers=None,
             **kwargs,
         )
         self.teacher = freeze(teacher)
@@ -100,6 +103,8 @@ class ParaphraserTrainer(SupervisedTrainer):
         self.add_event_handler(Events.EPOCH_STARTED, self._reset_epoch_mean)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._write_epoch_mean)
+        if train_handlers:  # after the epoch mean is written, so StatsHandler / MLflow see it
+            self._register_handlers(list(train_handlers))
 
     def _teacher_feature(
         self, batchdata: Any, device: str | torch.device, non_blocking: bool = False, **kwargs: Any

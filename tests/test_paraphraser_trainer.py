@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.handlers import CheckpointSaver
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
@@ -53,6 +54,18 @@ def reconstruction_error(paraphraser: Paraphraser, features: torch.Tensor) -> fl
         return float(paraphraser.reconstruction_loss(features))
 
 
+class EpochMetricRecorder:
+    """A train handler that records ``train_reconstruction`` as the handlers attached after it see it."""
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(
+            Events.EPOCH_COMPLETED, lambda e: self.seen.append(e.state.metrics.get("train_reconstruction"))
+        )
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """Twenty epochs (40 iterations) of paraphraser pre-training, saved by a MONAI CheckpointSaver as paraphraser.pt."""
@@ -63,6 +76,7 @@ def pretrained(tmp_path_factory):
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     before = reconstruction_error(paraphraser, features)
     out = tmp_path_factory.mktemp("ckpt")
+    recorder = EpochMetricRecorder()
     trainer = ParaphraserTrainer(
         device="cpu",
         max_epochs=20,
@@ -72,7 +86,8 @@ def pretrained(tmp_path_factory):
         teacher=teacher,
         tap=TAP,
         train_handlers=[
-            CheckpointSaver(str(out), {"paraphraser": paraphraser}, save_final=True, final_filename="paraphraser.pt")
+            CheckpointSaver(str(out), {"paraphraser": paraphraser}, save_final=True, final_filename="paraphraser.pt"),
+            recorder,
         ],
     )
     trainer.run()
@@ -84,6 +99,7 @@ def pretrained(tmp_path_factory):
         after=reconstruction_error(paraphraser, features),
         teacher_before=teacher_before,
         trainer=trainer,
+        recorder=recorder,
         path=out / "paraphraser.pt",
     )
 
@@ -95,6 +111,12 @@ def test_pretraining_reduces_reconstruction_error(pretrained):
     assert pretrained.after < 0.8 * variance, "the paraphraser learned little more than the mean feature"
     metric = pretrained.trainer.state.metrics["train_reconstruction"]
     assert 0 < metric < pretrained.before
+
+
+def test_train_handlers_see_the_epoch_mean(pretrained):
+    seen = pretrained.recorder.seen
+    assert len(seen) == 20 and all(v is not None for v in seen), seen
+    assert seen[-1] == pretrained.trainer.state.metrics["train_reconstruction"] and seen[-1] < seen[0]
 
 
 def test_teacher_frozen_and_unchanged(pretrained):
