@@ -370,6 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_mlflow", action="store_true", help="do not record MLflow runs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core); use 1 when other jobs share the cores",
+    )
     parser.add_argument("--override", nargs="*", default=[], help="more config overrides, key=value (JSON value)")
     args = parser.parse_args(argv)
     override = {
@@ -384,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None
     }
     override.update(_parse_override(args.override))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = compare(
         args.bundle,
         args.methods,
