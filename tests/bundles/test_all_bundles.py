@@ -1,0 +1,50 @@
+"""Properties every bundle keeps: each method file merges with multi-GPU training, and the runner's ids exist."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from monai.bundle import ConfigParser
+
+from tests.bundles.conftest import BUNDLES
+
+NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
+RUNNER_IDS = ["network_def", "teacher_def", "teacher_ckpt", "ckpt_dir", "ckpt_name", "dataset_dir", "output_dir"]
+
+
+def _stages(bundle: str) -> list[str]:
+    configs = BUNDLES / bundle / "configs"
+    return ["train_teacher.json"] + [f"methods/{p.name}" for p in sorted((configs / "methods").glob("*.json"))]
+
+
+def test_every_seed_bundle_is_here():
+    assert {"polyp_kdas", "pathology_coco", "multiorgan_graphflow", "vessel_lightvessel"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_every_stage_merges_with_multi_gpu_training(bundle):
+    """A method file (which may replace ``train#trainer`` by a reference) merged before ``multi_gpu_train.json``
+    keeps a trainer dict whose ``max_epochs`` MONAI Label can set."""
+    configs = BUNDLES / bundle / "configs"
+    for stage in _stages(bundle):
+        parser = ConfigParser()
+        parser.read_config([str(configs / "train.json"), str(configs / stage), str(configs / "multi_gpu_train.json")])
+        trainer, seen = parser["train#trainer"], set()
+        while isinstance(trainer, str) and trainer[:1] in "@%" and trainer not in seen:  # follow references
+            seen.add(trainer)
+            trainer = parser[trainer[1:]]
+        assert isinstance(trainer, dict) and "max_epochs" in trainer, f"{stage}: train#trainer is {trainer!r}"
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_the_comparison_runner_finds_its_ids_and_class_names(bundle):
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    for key in RUNNER_IDS:
+        assert key in parser, f"{bundle}/configs/train.json has no {key!r}"
+    assert (configs / "methods" / "none.json").is_file() and (configs / "evaluate.json").is_file()
+    channels = json.loads((configs / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
+    assert channels["channel_def"]["0"] == "background"
+    assert len(channels["channel_def"]) == parser.get_parsed_content("num_classes")
