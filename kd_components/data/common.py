@@ -444,7 +444,8 @@ def staged_output(
 ) -> Iterator[Path]:
     """Write a prepared dataset into a staging folder, moved into ``out_dir`` only if the block succeeds.
 
-    Checks ``out_dir`` first (:func:`check_output_dir`). Yields a hidden staging folder inside ``out_dir`` holding
+    Checks ``out_dir`` first (:func:`check_output_dir`). Yields a hidden staging folder (an absolute path, also for a
+    relative ``out_dir``) inside ``out_dir`` holding
     empty ``images/`` and ``labels/`` folders; write files there (and in a ``fov/`` folder, if the block creates one).
     On success the previous outputs are cleared (PNG files of ``images/``, ``labels/`` and ``fov/`` and
     ``datalist.json``: only with ``overwrite``, since otherwise there are none) and the staged files are moved in,
@@ -464,7 +465,7 @@ def staged_output(
     out_dir = check_output_dir(out_dir, overwrite, out_dirs)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f".staging-{uuid.uuid4().hex[:8]}"
+    staging = out_dir.resolve() / f".staging-{uuid.uuid4().hex[:8]}"  # absolute: entries resolve from any cwd
     try:
         for sub in (IMAGES_DIR, LABELS_DIR) if subdirs is None else out_dirs:
             (staging / sub).mkdir(parents=True)

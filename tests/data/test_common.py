@@ -11,6 +11,9 @@ import pytest
 from monai.data import load_decathlon_datalist
 
 from kd_components.data.common import (
+    DATALIST_NAME,
+    IMAGES_DIR,
+    LABELS_DIR,
     SPLIT_KEYS,
     DatasetError,
     check_output_dir,
@@ -258,3 +261,14 @@ def test_staged_output_leaves_the_folder_untouched_on_error(tmp_path):
         with staged_output(fresh):
             raise RuntimeError("failed at once")
     assert not fresh.exists()
+
+
+def test_staged_output_with_a_relative_folder_writes_a_datalist_that_resolves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with staged_output("out/data") as staging:
+        assert staging.is_absolute()
+        image = save_png(np.zeros((4, 4), np.uint8), staging / IMAGES_DIR / "a.png")
+        label = save_png(np.zeros((4, 4), np.uint8), staging / LABELS_DIR / "a.png")
+        write_datalist(staging / DATALIST_NAME, {"training": [{"image": image, "label": label}]})
+    entry = json.loads((tmp_path / "out" / "data" / DATALIST_NAME).read_text())["training"][0]
+    assert entry == {"image": "images/a.png", "label": "labels/a.png"}
