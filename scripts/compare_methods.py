@@ -158,8 +158,9 @@ def evaluate_stage(bundle: Path, names: Sequence[str], out_dir: Path, **override
     }
 
 
-def _parameters(bundle: Path, net_id: str) -> int:
-    parser = _workflow(bundle, ["train.json"], "train").parser
+def _parameters(bundle: Path, net_id: str, **override: Any) -> int:
+    """Parameters of the network ``net_id`` of ``train.json`` with the run's overrides (e.g. ``in_channels``)."""
+    parser = _workflow(bundle, ["train.json"], "train", **override).parser
     return sum(p.numel() for p in parser.get_parsed_content(net_id, instantiate=True).parameters())
 
 
@@ -238,7 +239,11 @@ def compare(
         out / "teacher" / "test",
         **{**common, "ckpt_dir": str(teacher_ckpt.parent), "ckpt_name": teacher_ckpt.name},
     )
-    rows.append({"model": "teacher", "params": _parameters(bundle, "teacher_def"), "train_s": teacher_time, **result})
+    if tracking and trained_teacher:
+        _log_test_metrics(tracking, "teacher", result)
+    rows.append(
+        {"model": "teacher", "params": _parameters(bundle, "teacher_def", **common), "train_s": teacher_time, **result}
+    )
 
     if list(methods) == ["all"]:
         methods = available_methods(bundle)
@@ -256,7 +261,7 @@ def compare(
     if paraphraser_dir is not None:
         shared["paraphraser_dir"] = str(Path(paraphraser_dir).resolve())
 
-    student_params = _parameters(bundle, "network_def")
+    student_params = _parameters(bundle, "network_def", **common)
     for method in methods:
         names = method_configs(bundle, method)
         run_dir = out / method

@@ -147,7 +147,7 @@ def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_track
     experiment = client.get_experiment_by_name("compare_probe")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"teacher", "paraphraser", "none", "needs_paraphraser"}
-    assert "test_mean_dice" in runs["none"].data.metrics
+    assert "test_mean_dice" in runs["none"].data.metrics and "test_mean_dice" in runs["teacher"].data.metrics
 
 
 def test_compare_refuses_unknown_method_before_training(tmp_path):
@@ -155,3 +155,9 @@ def test_compare_refuses_unknown_method_before_training(tmp_path):
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     with pytest.raises(SystemExit, match="teacher checkpoint .* not found"):
         compare_methods.compare("polyp_kdas", ["none"], data, tmp_path / "out", teacher_ckpt=tmp_path / "t.pt")
+
+
+def test_parameter_counts_follow_the_run_overrides():
+    default = compare_methods._parameters(POLYP, "network_def")
+    wider = compare_methods._parameters(POLYP, "network_def", num_classes=3)
+    assert wider > default  # one more output channel in the last convolutions
