@@ -376,6 +376,7 @@ def test_short_real_data_run_on_monuseg(tmp_path):
 
 METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))
 BASELINES = {"none", "kdas", "logit_kd", "cwd", "dist", "at", "fitnet", "structured_kd", "ifvd", "emkd", "cirkd"}
+ADVERSARIAL = {"coco", "structured_kd_holistic"}
 
 
 def test_method_list_covers_the_baselines():
@@ -393,7 +394,7 @@ def test_each_method_override_trains(method, trained, tmp_path):
     """Every method file merged onto train.json alone trains one epoch and reports each of its terms.
 
     Only the CoCo methods read the paraphrasers (the others run with an empty ``paraphraser_dir``), and only
-    ``coco`` keeps the adversarial trainer and writes a discriminator checkpoint.
+    ``coco`` and ``structured_kd_holistic`` keep the adversarial trainer and write a discriminator checkpoint.
     """
     coco = method.startswith("coco")
     over = {**trained, "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "eval")}
@@ -404,7 +405,7 @@ def test_each_method_override_trains(method, trained, tmp_path):
     terms = [] if method == "none" else [t.name for t in wf.parser.get_parsed_content("distill#terms")]
     assert all(f"train_{name}" in trainer.state.metrics for name in terms)
     assert all(np.isfinite(v) for v in trainer.state.metrics.values())
-    assert isinstance(trainer, AdversarialDistillationTrainer) == (method == "coco")
+    assert isinstance(trainer, AdversarialDistillationTrainer) == (method in ADVERSARIAL)
     assert isinstance(trainer, DistillationTrainer) == (method != "none")
     assert (tmp_path / "model.pt").is_file()
-    assert (tmp_path / "discriminator.pt").is_file() == (method == "coco")
+    assert (tmp_path / "discriminator.pt").is_file() == (method in ADVERSARIAL)

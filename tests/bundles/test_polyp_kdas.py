@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 from PIL import Image
 
-from kd_components import TapNotFoundError
+from kd_components import AdversarialDistillationTrainer, TapNotFoundError
 from kd_components.data.common import DatasetError
 from kd_components.data.polyp import prepare_polyp_data
 from kd_components.data.synthetic import make_synthetic_polyps
@@ -228,6 +228,38 @@ def test_feature_term_with_automatic_adapter_trains(teacher_run, tmp_path):
     before = adapter.proj.weight.detach().clone()
     wf.run()
     assert not torch.equal(before, adapter.proj.weight)
+
+
+def test_structured_kd_holistic_trains_the_discriminator_not_the_teacher(teacher_run, tmp_path):
+    """The full Structured KD (pixel + pair + holistic): one iteration steps the discriminator and the student,
+    reports ``loss_holistic``, leaves the teacher unchanged and saves the discriminator beside the model."""
+    over = {**teacher_run, "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "eval")}
+    over["teacher_ckpt"] = str(Path(teacher_run["ckpt_dir"]) / "teacher.pt")
+    over["train#trainer#epoch_length"] = 1
+    wf = make_workflow(BUNDLE, ["train.json", "methods/structured_kd_holistic.json"], **over)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert isinstance(trainer, AdversarialDistillationTrainer)
+    bank = wf.parser.get_parsed_content("discriminators")
+    assert list(bank) == ["holistic"] and type(bank["holistic"]).__name__ == "SelfAttentionDiscriminator"
+    assert bank["holistic"].features[0].in_channels == 3 + 2  # (image, score map)
+    teacher = wf.parser.get_parsed_content("teacher")
+    disc_before = {k: v.detach().clone() for k, v in bank.named_parameters()}
+    teacher_before = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    wf.run()
+    wf.finalize()
+    output = trainer.state.output
+    output = output[0] if isinstance(output, list) else output
+    for key in ("loss_pixel_wise", "loss_pair_wise", "loss_holistic", "loss_holistic_discriminator"):
+        assert key in output and torch.isfinite(torch.as_tensor(output[key])).all(), key
+    assert {"train_holistic", "train_holistic_discriminator"} <= set(trainer.state.metrics)
+    # parameters, not the spectral-norm power-iteration buffers, which any forward pass in train mode updates
+    changed = [k for k, v in bank.named_parameters() if not torch.equal(disc_before[k], v)]
+    assert any(k.endswith("weight.original") for k in changed), changed
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert (tmp_path / "model.pt").is_file()
+    saved = torch.load(tmp_path / "discriminator.pt", weights_only=True)
+    assert set(saved["discriminators"]) == set(bank.state_dict())
 
 
 def test_mlflow_tracking_records_loss_terms_and_settings(teacher_run, tmp_path):

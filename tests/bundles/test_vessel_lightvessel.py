@@ -389,7 +389,7 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_p
 
 
 METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))
-ADVERSARIAL = {"lightvessel", "asd"}
+ADVERSARIAL = {"lightvessel", "asd", "structured_kd_holistic"}
 
 
 def test_method_list_covers_the_baselines_and_lightvessel_equals_the_default():
