@@ -299,7 +299,8 @@ EXTRA_LABELS = {"cldice": "clDice"}
 
 def markdown_table(rows: Sequence[dict[str, Any]], hd95_unit: str = "px") -> str:
     """A markdown table: model, Dice per class, mean Dice, IoU, HD95, extra metrics (e.g. clDice), parameters,
-    training time; the difference of each distilled student to the student alone (``none``) when it is in the table.
+    training time; the difference of each distilled student to the student alone (``none``, or else the first
+    ``none+<override>``) when it is in the table.
 
     Args:
         rows: result rows of :func:`compare`.
@@ -308,6 +309,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], hd95_unit: str = "px") -> str
     classes = list(rows[0]["dice"]) if rows else []
     extras = list(rows[0].get("extra", {})) if rows else []
     baseline = next((r for r in rows if r["model"] == "student: none"), None)
+    if baseline is None:  # e.g. "none+labelled_only": the student alone on the same data
+        baseline = next((r for r in rows if r["model"].startswith("student: none+")), None)
     header = [
         "model",
         *[f"Dice {c}" for c in classes],

@@ -161,3 +161,9 @@ def test_parameter_counts_follow_the_run_overrides():
     default = compare_methods._parameters(POLYP, "network_def")
     wider = compare_methods._parameters(POLYP, "network_def", num_classes=3)
     assert wider > default  # one more output channel in the last convolutions
+
+
+def test_markdown_table_takes_a_combined_none_as_the_student_alone():
+    rows = [_row("teacher", 0.9), _row("student: none+labelled_only", 0.5), _row("student: semi", 0.6)]
+    last = [c.strip() for c in compare_methods.markdown_table(rows).splitlines()[4].split("|")[1:-1]]
+    assert last[0] == "student: semi" and last[3] == "+0.1000"
