@@ -23,6 +23,8 @@ reported values do not change with the environment.
 - :func:`soft_skeleton`: the differentiable soft-skeleton (also usable in a clDice loss);
 - :func:`cldice`: per-sample, per-channel clDice of binary tensors ``(B, C, *spatial)``, 1D to 3D;
 - :class:`ClDiceMetric`: MONAI ``CumulativeIterationMetric`` (buffers, reduction, ``get_not_nans``);
+- :class:`SpacedHausdorffDistance`: MONAI's Hausdorff distance handler in physical units, each case's spacing read
+  from its label's affine (voxels when the affine is the identity);
 - :class:`ClDiceHandler`: the Ignite handler for bundle configs, e.g. in ``validate#handlers`` /
   ``key_val_metric``::
 
@@ -35,17 +37,27 @@ reported values do not change with the environment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.handlers import IgniteMetricHandler
+from monai.data import MetaTensor
+from monai.handlers import HausdorffDistance, IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-__all__ = ["SKELETONS", "ClDiceHandler", "ClDiceMetric", "cldice", "skeletonize", "soft_skeleton"]
+__all__ = [
+    "SKELETONS",
+    "ClDiceHandler",
+    "ClDiceMetric",
+    "SpacedHausdorffDistance",
+    "cldice",
+    "skeletonize",
+    "soft_skeleton",
+    "voxel_spacing",
+]
 
 SKELETONS = ("torch", "skimage")
 
@@ -288,3 +300,42 @@ class ClDiceHandler(IgniteMetricHandler):
             iterations=iterations,
         )
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+
+def voxel_spacing(tensor: torch.Tensor) -> list[float] | None:
+    """The voxel spacing of a channel-first ``MetaTensor`` ``(C, *spatial)`` from its affine, one value per spatial
+    dim (the norms of the affine's columns); None for a plain tensor (no geometry known)."""
+    if not isinstance(tensor, MetaTensor):
+        return None
+    spacing = [float(v) for v in tensor.pixdim]
+    return spacing[: tensor.ndim - 1]
+
+
+class SpacedHausdorffDistance(HausdorffDistance):
+    """MONAI's ``HausdorffDistance`` handler with each case's voxel spacing taken from its label's affine.
+
+    MONAI's handler computes distances in voxels unless a ``spacing`` is passed to the metric, which its ``update``
+    never does. Here every case of the batch is scored with the spacing of its label (or prediction) ``MetaTensor``
+    (:func:`voxel_spacing`), so HD95 comes in the physical unit of the image header (mm for NIfTI). Data whose affine
+    is the identity (spacing unknown, e.g. the SSL4MIS ACDC copy) gives voxels, as the plain handler; plain tensors
+    too. Arguments as ``monai.handlers.HausdorffDistance``.
+
+    Args:
+        include_background: also score channel 0.
+        distance_metric: ``"euclidean"`` (the only one that uses spacing), ``"chessboard"`` or ``"taxicab"``.
+        percentile: e.g. 95 for HD95; None for the maximum.
+        directed: directed distance from prediction to label only.
+        reduction: MONAI reduction over cases and channels.
+        output_transform: extracts ``(y_pred, y)`` — lists of ``(C, *spatial)`` one-hot tensors or batched
+            ``(B, C, *spatial)`` tensors — from ``engine.state.output``.
+        save_details: save the per-case values in ``engine.state.metric_details`` (for ``MetricsSaver``).
+    """
+
+    def update(self, output: Sequence[torch.Tensor]) -> None:
+        """Score each case of ``output = (y_pred, y)`` with its own spacing."""
+        y_pred, y = output
+        for pred, label in zip(y_pred, y):
+            spacing = voxel_spacing(label)
+            if spacing is None:
+                spacing = voxel_spacing(pred)
+            self.metric_fn(y_pred=[pred], y=[label], spacing=spacing)

@@ -7,11 +7,20 @@ import math
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.handlers import from_engine
 from monai.transforms import AsDiscreted, Compose
 
-from kd_components.metrics import ClDiceHandler, ClDiceMetric, cldice, skeletonize, soft_skeleton
+from kd_components.metrics import (
+    ClDiceHandler,
+    ClDiceMetric,
+    SpacedHausdorffDistance,
+    cldice,
+    skeletonize,
+    soft_skeleton,
+    voxel_spacing,
+)
 
 
 def _line(shape: tuple[int, ...], gap: int | None = None) -> torch.Tensor:
@@ -182,3 +191,36 @@ def test_handler_in_a_supervised_evaluator(cut):
     else:
         assert value == pytest.approx(1.0)
     assert evaluator.state.metric_details["val_cldice"].shape == (2, 1)
+
+
+def _shifted_cube(spacing: tuple[float, float, float]) -> tuple[list[MetaTensor], list[MetaTensor]]:
+    """One case: a label cube and a prediction shifted by one voxel along the last axis, one-hot (2, 8, 8, 8)."""
+    label = torch.zeros(1, 8, 8, 8)
+    label[0, 2:6, 2:6, 2:5] = 1
+    pred = torch.roll(label, shifts=1, dims=3)
+    affine = torch.diag(torch.tensor([*spacing, 1.0]))
+    onehot = [MetaTensor(torch.cat([1 - x, x]), affine=affine) for x in (pred, label)]
+    return [onehot[0]], [onehot[1]]
+
+
+def test_voxel_spacing_from_the_affine():
+    assert voxel_spacing(MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.diag(torch.tensor([1.5, 1.5, 5.0, 1])))) == [
+        1.5,
+        1.5,
+        5.0,
+    ]
+    assert voxel_spacing(MetaTensor(torch.zeros(1, 4, 4))) == [1.0, 1.0]
+    assert voxel_spacing(torch.zeros(1, 4, 4)) is None
+
+
+@pytest.mark.parametrize("spacing, expected", [((1.0, 1.0, 1.0), 1.0), ((1.5, 1.5, 5.0), 5.0), ((4.0, 1.0, 2.0), 2.0)])
+def test_spaced_hausdorff_distance_is_in_header_units(spacing, expected):
+    handler = SpacedHausdorffDistance(percentile=95, save_details=False)
+    handler.reset()
+    handler.update(_shifted_cube(spacing))
+    assert handler.compute() == pytest.approx(expected)
+    plain = SpacedHausdorffDistance(percentile=95, save_details=False)
+    plain.reset()
+    pred, label = _shifted_cube(spacing)
+    plain.update(([p.as_tensor() for p in pred], [y.as_tensor() for y in label]))
+    assert plain.compute() == pytest.approx(1.0)  # no geometry: voxels
