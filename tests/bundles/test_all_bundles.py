@@ -1,13 +1,15 @@
-"""Properties every bundle keeps: each method file merges with multi-GPU training, and the runner's ids exist."""
+"""Properties every bundle keeps: valid metadata, clear inference errors, each method file merges with multi-GPU
+training, and the comparison runner's ids exist."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from tests.bundles.conftest import BUNDLES
+from tests.bundles.conftest import BUNDLES, make_workflow, root_cause
 
 NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
 RUNNER_IDS = ["network_def", "teacher_def", "teacher_ckpt", "ckpt_dir", "ckpt_name", "dataset_dir", "output_dir"]
@@ -48,3 +50,30 @@ def test_the_comparison_runner_finds_its_ids_and_class_names(bundle):
     channels = json.loads((configs / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
     assert channels["channel_def"]["0"] == "background"
     assert len(channels["channel_def"]) == parser.get_parsed_content("num_classes")
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_metadata_and_network_io(bundle, schema_path):
+    configs = BUNDLES / bundle / "configs"
+    verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(schema_path))
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        n=1,
+    )
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_inference_without_weights_or_inputs_says_what_to_do(bundle, tmp_path):
+    infer = make_workflow(bundle, ["inference.json"], workflow_type="infer", ckpt_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as err:
+        infer.initialize()
+    assert re.search("student weights not found.*train the student first", str(root_cause(err.value)))
+    (tmp_path / "model.pt").touch()
+    infer = make_workflow(
+        bundle, ["inference.json"], workflow_type="infer", ckpt_dir=str(tmp_path), dataset_dir=str(tmp_path)
+    )
+    with pytest.raises(RuntimeError) as err:
+        infer.initialize()
+    assert re.search("no input (images|volumes).*--dataset_dir", str(root_cause(err.value)))
