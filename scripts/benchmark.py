@@ -16,15 +16,33 @@ For each bundle (default: every folder under ``bundles/`` with ``configs/train.j
 
 The trainers are the bundle's own, built with ``monai.bundle.ConfigParser`` (the teacher checkpoint is a randomly
 initialised teacher saved in a temporary folder: weights do not change the cost). (c) is the trainer's own
-iteration function, ``trainer._iteration(trainer, batch)``, after firing ``ITERATION_STARTED`` as the engine does;
-(a) is a MONAI ``SupervisedTrainer`` built from the same config entry with the distillation arguments removed, so
-both run the same network, optimizer, supervised loss, inferer, AMP setting and postprocessing. Measurements are
-interleaved round by round, so load from other processes affects all of them alike; report the ratios.
+iteration function, ``trainer._iteration(trainer, batch)``, after firing ``ITERATION_STARTED`` as the engine does,
+so an adversarial trainer's discriminator step is included; (a) is a MONAI ``SupervisedTrainer`` built from the same
+config entry without the arguments ``SupervisedTrainer`` does not take (teacher, distiller, discriminators...) and
+without the training handlers, so both run the same network, optimizer, supervised loss, inferer, AMP setting and
+postprocessing. Measurements are interleaved round by round, so load from other processes affects all of them alike;
+report the ratios. A method named with ``--methods`` that a bundle does not have, or whose trainer is not a
+``DistillationTrainer`` (``none``: the student alone, i.e. step (a)), is listed as not measured.
 
-Batches come from the bundle's training data loader on synthetic polyp-like data
-(:func:`kd_components.data.synthetic.make_synthetic_polyps`, 2D RGB bundles) or on a prepared dataset given with
-``--dataset_dir``; without either (a 3D bundle), random tensors of the training shape are used and the loader is
-not measured.
+Batches come from the bundle's own training data loader (its transforms, random crops included: the JSON's
+``batch_items`` is the number of items per iteration, e.g. ``batch_size`` x ``num_samples`` patches), on a prepared
+dataset given with ``--dataset_dir`` or else on tiny synthetic data written in the temporary folder, chosen per
+bundle by ``SYNTHETIC_DATA``:
+
+* ``polyp_kdas``, ``pathology_coco``: :func:`kd_components.data.synthetic.make_synthetic_polyps` (RGB PNG images and
+  0/1 labels, the layout of both prepared Kvasir-SEG and prepared MoNuSeg tiles);
+* ``vessel_lightvessel``: :func:`kd_components.data.synthetic_vessels.make_synthetic_vessels`, ``modality="xray"``
+  for its default 1 input channel (``"fundus"`` for 3);
+* ``multiorgan_graphflow``: :func:`kd_components.data.synthetic_volumes.make_synthetic_volumes` (ACDC-like NIfTI
+  volumes, SSL4MIS layout) prepared with :func:`kd_components.data.volumes.prepare_acdc_data` and
+  :func:`kd_components.data.volumes.write_slices` (2D slices for training, volumes for validation);
+* any other 2D bundle with 3 input channels: synthetic polyps; any other bundle needs ``--dataset_dir``.
+
+The synthetic images have the training size, and there are enough of them for ``--loader_batches`` + 1 full batches.
+A bundle with a paraphraser stage (``configs/train_paraphraser.json``, e.g. CoCo and Graph Flow) gets randomly
+initialised paraphrasers: the ``torch.save(...)`` statements that end that stage's ``run`` are evaluated untrained,
+with ``paraphraser_dir`` in the temporary folder, and the methods load them from there (see
+:func:`make_paraphrasers`).
 
 On CUDA, AMP follows the bundle (``amp``) and every measurement synchronises the device; on CPU AMP is off.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the call; on CPU the peak
@@ -36,17 +54,20 @@ Examples::
     python scripts/benchmark.py                                   # every bundle, writes outputs/benchmark/
     python scripts/benchmark.py --bundle polyp_kdas --image_size 256 256 --batch_size 4 --out /tmp/bench
     python scripts/benchmark.py --quick                           # tiny setting (tests)
+    python scripts/benchmark.py --quick --bundle pathology_coco --methods none coco --dataset_dir <prepared MoNuSeg>
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
 import os
 import platform
 import pydoc
+import re
 import statistics
 import sys
 import tempfile
@@ -72,6 +93,7 @@ from kd_components.trainer import DistillationTrainer  # noqa: E402
 from kd_components.utils import count_parameters  # noqa: E402
 
 __all__ = [
+    "SYNTHETIC_DATA",
     "bundle_names",
     "method_names",
     "summarize",
@@ -86,6 +108,8 @@ __all__ = [
     "peak_memory_mib",
     "benchmark_inference",
     "benchmark_training",
+    "synthetic_data_kind",
+    "make_paraphrasers",
     "benchmark_bundle",
     "markdown_report",
     "main",
@@ -97,6 +121,16 @@ MIB = 2.0**20
 QUICK = {"image_size": [32, 32], "batch_size": 2, "warmup": 1, "repeats": 3, "num_workers": 0, "loader_batches": 3}
 # arguments of DistillationTrainer that SupervisedTrainer does not take
 DISTILLATION_ARGS = ("teacher", "distiller", "supervised_weight", "check_finite", "train_handlers")
+# synthetic data each bundle is benchmarked on without --dataset_dir (see _synthetic_data): "polyps" (RGB PNG images
+# and 0/1 labels, the layout of prepared Kvasir-SEG and of prepared MoNuSeg tiles), "vessels" (grey X-ray-like for a
+# 1-channel bundle, fundus-like for 3 channels), "volumes" (ACDC-like NIfTI volumes, prepared with their 2D slices);
+# a bundle not listed here gets "polyps" when it is 2D with 3 input channels
+SYNTHETIC_DATA = {
+    "polyp_kdas": "polyps",
+    "pathology_coco": "polyps",
+    "vessel_lightvessel": "vessels",
+    "multiorgan_graphflow": "volumes",
+}
 
 
 # --------------------------------------------------------------------------------------------------- measurement
@@ -340,10 +374,11 @@ PLAIN_ID = "benchmark_plain_trainer"
 
 
 def trainer_config(parser: ConfigParser, trainer_id: str = "train#trainer") -> Any:
-    """The raw config of the trainer entry, following ``"@id"`` references (e.g. ``"@train#supervised_trainer"``)."""
+    """The raw config of the trainer entry, following ``"@id"`` references and ``"%id"`` macros (e.g.
+    ``"@train#supervised_trainer"``)."""
     config = parser.get(trainer_id)
     seen: set[str] = set()
-    while isinstance(config, str) and config.startswith("@") and config not in seen:
+    while isinstance(config, str) and config.startswith(("@", "%")) and config not in seen:
         seen.add(config)
         config = parser.get(config[1:])
     return config
@@ -365,8 +400,10 @@ def add_plain_trainer(parser: ConfigParser, trainer_id: str = "train#trainer") -
     it is the plain step of the same run.
     """
     config = dict(trainer_config(parser, trainer_id))
-    for key in DISTILLATION_ARGS:
-        config.pop(key, None)
+    accepted = inspect.signature(SupervisedTrainer.__init__).parameters
+    for key in list(config):
+        if key in DISTILLATION_ARGS or not (key.startswith("_") or key in accepted):
+            config.pop(key)  # also the arguments of subclasses, e.g. an adversarial trainer's discriminators
     config["_target_"] = "monai.engines.SupervisedTrainer"
     parser[PLAIN_ID] = config
     return PLAIN_ID
@@ -426,18 +463,6 @@ def _batch_len(batch: Any) -> int:
     return len(first)
 
 
-def _random_batches(shape: Sequence[int], num_classes: int, count: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    label_shape = (shape[0], 1, *shape[2:])
-    return [
-        {
-            "image": torch.rand(*shape, generator=g),
-            "label": torch.randint(0, max(num_classes, 2), label_shape, generator=g).float(),
-        }
-        for _ in range(count)
-    ]
-
-
 def benchmark_training(
     bundle: Path,
     methods: Sequence[str],
@@ -446,21 +471,19 @@ def benchmark_training(
     warmup: int,
     repeats: int,
     loader_batches: int,
-    use_loader: bool,
     extra_methods: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Per-iteration cost of the plain student step, the teacher forward and each distillation method.
 
     Args:
         bundle: the bundle folder.
-        methods: method names (``configs/methods/<name>.json``); methods whose trainer is not a
-            ``DistillationTrainer`` (e.g. ``none``, the student alone) are listed as skipped.
-        override: config overrides (data, checkpoint, sizes, device, AMP).
+        methods: method names (``configs/methods/<name>.json``); methods the bundle does not have and methods whose
+            trainer is not a ``DistillationTrainer`` (e.g. ``none``, the student alone) are listed as skipped.
+        override: config overrides (data, checkpoints, sizes, device, AMP).
         device: where the trainers run.
         warmup: untimed iterations of each call first.
         repeats: timed iterations of each call (interleaved).
         loader_batches: batches to time the loader on (and to feed the steps).
-        use_loader: read batches from the bundle's loader (else random tensors of the training shape).
         extra_methods: more override files (any path), reported under their file stem.
 
     Returns:
@@ -477,14 +500,15 @@ def benchmark_training(
     plain: SupervisedTrainer | None = None
     build_s: dict[str, float] = {}
     for name, names in files.items():
+        if not names[-1].is_file():  # e.g. a method of another bundle, in a run over several bundles
+            skipped[name] = f"the bundle has no {names[-1].relative_to(bundle.parent)}"
+            continue
         parser = _parser(names, override)
         config = trainer_config(parser)
         if not is_distillation_trainer(config):
             target = config.get("_target_") if isinstance(config, dict) else config
             skipped[name] = f"its trainer ({target}) is not a DistillationTrainer"
             continue
-        if not use_loader:
-            parser["train#dataloader"] = "$[]"
         plain_id = add_plain_trainer(parser) if plain is None else None
         start = time.perf_counter()
         trainer = parser.get_parsed_content("train#trainer")
@@ -498,14 +522,8 @@ def benchmark_training(
     reference = next(iter(trainers.values()))
     batch_size = int(first_parser.get_parsed_content("batch_size"))
     size = list(first_parser.get_parsed_content("image_size"))
-    shape = (batch_size, _input_channels(bundle, first_parser), *size)
-
-    if use_loader:
-        loader_stats, batches = benchmark_loader(reference.data_loader, loader_batches)
-        loader_stats["cache_and_build_s"] = build_s[next(iter(trainers))]
-    else:
-        loader_stats = {"skipped": "no dataset (give --dataset_dir)"}
-        batches = _random_batches(shape, int(first_parser.get("num_classes", 2)), max(loader_batches, 1))
+    loader_stats, batches = benchmark_loader(reference.data_loader, loader_batches)
+    loader_stats["cache_and_build_s"] = build_s[next(iter(trainers))]
 
     counter = {"i": 0}
 
@@ -536,6 +554,7 @@ def benchmark_training(
     result: dict[str, Any] = {
         "image_size": size,
         "batch_size": batch_size,
+        "batch_items": _batch_len(batches[0]),
         "amp": bool(reference.amp),
         "student_step": {**timings["student_step"], "peak_mib": peaks["student_step"]},
         "teacher_forward": {**timings["teacher_forward"], "peak_mib": peaks["teacher_forward"]},
@@ -573,12 +592,77 @@ def benchmark_training(
 # ------------------------------------------------------------------------------------------------------ bundle
 
 
-def _synthetic_data(out: Path, size: Sequence[int], batch_size: int, batches: int) -> Path:
-    from kd_components.data.synthetic import make_synthetic_polyps
+def synthetic_data_kind(name: str, channels: int, spatial_dims: int) -> str:
+    """Which synthetic data the bundle ``name`` is benchmarked on without ``--dataset_dir`` (see
+    :data:`SYNTHETIC_DATA`): its entry there, else ``"polyps"`` for a 2D bundle with 3 input channels.
 
+    Raises:
+        ValueError: for any other bundle, saying to give ``--dataset_dir`` or to add it to ``SYNTHETIC_DATA``.
+    """
+    if name in SYNTHETIC_DATA:
+        return SYNTHETIC_DATA[name]
+    if spatial_dims == 2 and channels == 3:
+        return "polyps"
+    raise ValueError(
+        f"no synthetic data for bundle {name!r} ({spatial_dims}D, {channels} input channels): give --dataset_dir "
+        f"(a dataset prepared for it) or add it to SYNTHETIC_DATA in scripts/benchmark.py (kinds: "
+        f"{sorted(set(SYNTHETIC_DATA.values()))})"
+    )
+
+
+def _synthetic_data(
+    kind: str, out: Path, size: Sequence[int], batch_size: int, batches: int, channels: int = 3
+) -> Path:
+    """Write tiny synthetic data of ``kind`` (:data:`SYNTHETIC_DATA`) in ``out`` with enough training items for
+    ``batches + 1`` full batches; returns the folder to pass as ``dataset_dir``."""
     n = max(10, math.ceil(batch_size * (batches + 1) / 0.8) + 2)  # the training split holds 80%
-    make_synthetic_polyps(out, n=n, size=(int(size[0]), int(size[1])), seed=0, overwrite=True)
+    height, width = int(size[0]), int(size[1])
+    if kind == "polyps":
+        from kd_components.data.synthetic import make_synthetic_polyps
+
+        make_synthetic_polyps(out, n=n, size=(height, width), seed=0, overwrite=True)
+    elif kind == "vessels":
+        from kd_components.data.synthetic_vessels import make_synthetic_vessels
+
+        modality = "xray" if channels == 1 else "fundus"
+        make_synthetic_vessels(out, n=n, size=(height, width), seed=0, overwrite=True, modality=modality)
+    elif kind == "volumes":
+        from kd_components.data.synthetic_volumes import make_synthetic_volumes
+        from kd_components.data.volumes import prepare_acdc_data, write_slices
+
+        depth = 4  # slices per volume, two volumes per patient; 1/9 of the "train" patients go to the test split
+        patients = max(5, math.ceil(batch_size * (batches + 1) / (2 * depth) * 9 / 8) + 2)
+        raw = make_synthetic_volumes(out.parent / f"{out.name}_raw", patients, (height, width, depth), val=(2,))
+        write_slices(prepare_acdc_data(raw, out, overwrite=True), overwrite=True)
+    else:
+        raise ValueError(f"unknown synthetic data kind {kind!r} (kinds: {sorted(set(SYNTHETIC_DATA.values()))})")
     return out
+
+
+def make_paraphrasers(bundle: Path, override: dict[str, Any], out_dir: Path) -> list[str]:
+    """Save randomly initialised paraphrasers where the bundle's distillation methods load them from ``out_dir``.
+
+    The bundle's paraphraser stage (``configs/train.json`` + ``configs/train_paraphraser.json``) ends by saving each
+    trained paraphraser, ``"$torch.save(@<network>.state_dict(), @<checkpoint path>)"`` in its ``run`` list; these
+    statements are evaluated as they are, with ``paraphraser_dir`` set to ``out_dir`` and without training (weights do
+    not change the cost, as for the teacher). Returns the names of the files written (none without the stage).
+
+    Raises:
+        ValueError: when the stage's ``run`` saves nothing with ``torch.save``.
+    """
+    configs = bundle / "configs"
+    stage = configs / "train_paraphraser.json"
+    if not stage.is_file():
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parser = _parser([configs / "train.json", stage], {**override, "paraphraser_dir": str(out_dir)})
+    saves = [e for e in parser.get("run", []) if isinstance(e, str) and re.match(r"^\$\s*torch\.save\(", e)]
+    if not saves:
+        raise ValueError(f"{stage} saves no paraphraser with torch.save in its run list")
+    parser["benchmark_save_paraphrasers"] = "$[" + ", ".join(e.strip()[1:] for e in saves) + "]"
+    before = {p.name for p in out_dir.iterdir()}
+    parser.get_parsed_content("benchmark_save_paraphrasers")
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in before)
 
 
 def benchmark_bundle(name: str, args: argparse.Namespace, device: torch.device, work: Path) -> dict[str, Any]:
@@ -621,13 +705,17 @@ def benchmark_bundle(name: str, args: argparse.Namespace, device: torch.device, 
     }
     if args.num_workers is not None:
         override["num_workers"] = args.num_workers
-    use_loader = True
     if args.dataset_dir:
         override["dataset_dir"] = str(Path(args.dataset_dir).resolve())
-    elif len(train_size) == 2 and channels == 3:
-        override["dataset_dir"] = str(_synthetic_data(tmp / "data", train_size, batch_size, args.loader_batches))
+        data = "given (--dataset_dir)"
     else:
-        use_loader = False
+        data = synthetic_data_kind(name, channels, len(train_size))
+        override["dataset_dir"] = str(
+            _synthetic_data(data, tmp / "data", train_size, batch_size, args.loader_batches, channels)
+        )
+    paraphrasers = make_paraphrasers(bundle, override, tmp / "paraphrasers")
+    if paraphrasers:
+        override["paraphraser_dir"] = str(tmp / "paraphrasers")
     methods = args.methods if args.methods is not None else method_names(bundle)
     training = benchmark_training(
         bundle,
@@ -637,9 +725,11 @@ def benchmark_bundle(name: str, args: argparse.Namespace, device: torch.device, 
         args.warmup,
         args.repeats,
         args.loader_batches,
-        use_loader,
         args.extra_method or (),
     )
+    training["data"] = data
+    if paraphrasers:
+        training["paraphrasers"] = paraphrasers
     return {"bundle": name, "inference": inference, "training": training}
 
 
@@ -683,6 +773,12 @@ def _size(size: Sequence[int]) -> str:
     return "×".join(str(s) for s in size)
 
 
+def _items(training: dict[str, Any]) -> str:
+    """`` (N patches per iteration)`` when the loader's batches hold N != batch size items (random crops)."""
+    items = training.get("batch_items", training["batch_size"])
+    return f" ({items} patches per iteration)" if items != training["batch_size"] else ""
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """Markdown tables (inference, training) of every bundle in ``results`` (the JSON written by :func:`main`)."""
     machine = results["machine"]
@@ -720,8 +816,9 @@ def markdown_report(results: dict[str, Any]) -> str:
             lines += [f"Training: no distillation method to measure ({tr.get('skipped')}).", ""]
             continue
         lines += [
-            f"### {item['bundle']}: training iteration ({_size(tr['image_size'])}, batch {tr['batch_size']}, "
-            f"AMP {'on' if tr['amp'] else 'off'})",
+            f"### {item['bundle']}: training iteration ({_size(tr['image_size'])}, batch {tr['batch_size']}"
+            + _items(tr)
+            + f", AMP {'on' if tr['amp'] else 'off'})",
             "",
             "| step | median (ms) | IQR (ms) | peak memory (MiB) | minor page faults | overhead (c) / ((a) + (b)) "
             "| its IQR over rounds |",
@@ -777,7 +874,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=None, help="training batch size (default: bundle's)")
     parser.add_argument("--methods", nargs="*", default=None, help="method names (default: configs/methods/*.json)")
     parser.add_argument("--extra_method", nargs="*", default=None, help="more override files to measure as methods")
-    parser.add_argument("--dataset_dir", default=None, help="a prepared dataset (default: synthetic polyps, 2D RGB)")
+    parser.add_argument(
+        "--dataset_dir", default=None, help="a prepared dataset (default: synthetic data, see SYNTHETIC_DATA)"
+    )
     parser.add_argument("--num_workers", type=int, default=None, help="loader workers (default: bundle's)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     amp = parser.add_mutually_exclusive_group()
@@ -818,6 +917,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if not (BUNDLES / n / "configs" / "train.json").is_file()]
     if unknown:
         raise SystemExit(f"no bundle {unknown} under {BUNDLES} (available: {bundle_names()})")
+    if not args.dataset_dir:  # fail before benchmarking anything when a bundle has no synthetic data
+        for name in names:
+            train = _parser([BUNDLES / name / "configs" / "train.json"], {"bundle_root": str(BUNDLES / name)})
+            size = args.train_image_size or train.get_parsed_content("image_size")
+            try:
+                synthetic_data_kind(name, _input_channels(BUNDLES / name, train), len(size))
+            except ValueError as error:
+                raise SystemExit(str(error)) from None
     results: dict[str, Any] = {
         "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**machine_info(device), "keep_freed_memory": kept},

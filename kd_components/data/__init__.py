@@ -16,7 +16,9 @@ Every preparer writes the same layout, read by the bundles through ``monai.data.
   (``python -m kd_components.data.pathology --help``);
 - :mod:`kd_components.data.volumes`: ACDC and Synapse / BTCV as NIfTI volumes
   (``<out>/volumes/{images,labels}/<case>.nii.gz``, patient-level split) and their 2D slices as NPY
-  (``python -m kd_components.data.volumes --help``).
+  (``python -m kd_components.data.volumes --help``);
+- :mod:`kd_components.data.synthetic_volumes`: synthetic cardiac-MRI-like volumes in the SSL4MIS ACDC layout, raw
+  input of :func:`kd_components.data.volumes.prepare_acdc_data`.
 """
 
 from kd_components.data.common import (

@@ -25,6 +25,7 @@ from monai.bundle import ckpt_export
 
 from kd_components import load_paraphraser_encoder
 from kd_components.data.common import DatasetError
+from kd_components.data.synthetic_volumes import make_synthetic_volumes
 from kd_components.data.volumes import prepare_acdc_data, write_slices
 from kd_components.modules import Paraphraser
 from kd_components.taps import list_tap_candidates
@@ -36,63 +37,11 @@ SHAPE = (40, 36, 4)  # (H, W, Z) of the synthetic volumes
 PATIENTS = 9  # patients 2 and 7 are the validation split of splits.csv; the test split is drawn from the others
 
 
-def heart_volume(rng: np.random.Generator, shape: tuple[int, int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """A cardiac-MRI-like volume: LV (3) disc, myocardium (2) ring around it, RV (1) ellipse beside it.
-
-    Returns:
-        the image (H, W, Z) float32 in [0, 1] (per-volume min-max, as the SSL4MIS copy) and the label (H, W, Z) uint8.
-    """
-    h, w, z = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    cy, cx = h * rng.uniform(0.42, 0.58), w * rng.uniform(0.5, 0.6)
-    radius = min(h, w) * rng.uniform(0.11, 0.15)
-    image = np.zeros(shape, np.float32)
-    label = np.zeros(shape, np.uint8)
-    for k in range(z):
-        r = radius * (1.0 - 0.4 * abs(k - (z - 1) / 2) / z)  # smaller towards base and apex
-        lv = ((yy - cy) ** 2 + (xx - cx) ** 2) / r**2
-        rv = ((yy - cy) / (1.3 * r)) ** 2 + ((xx - cx + 2.2 * r) / (0.8 * r)) ** 2
-        label[rv <= 1, k] = 1
-        label[lv <= 1.9, k] = 2
-        label[lv <= 1, k] = 3
-        image[..., k] = np.choose(label[..., k], [0.15, 0.75, 0.35, 0.9]) + rng.normal(0, 0.05, (h, w))
-    image = (image - image.min()) / (image.max() - image.min())
-    return image.astype(np.float32), label
-
-
-def save_nifti(path: Path, array: np.ndarray) -> None:
-    """NIfTI with an identity affine and no qform/sform code, as the shared SSL4MIS copy (spacing unknown)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(array, np.eye(4))
-    image.set_sform(None, code=0)
-    image.set_qform(None, code=0)
-    nib.save(image, str(path))
-
-
-def make_ssl4mis_acdc(root: Path, patients: int = PATIENTS, val: tuple[int, ...] = (2, 7)) -> Path:
-    """ACDC in the SSL4MIS layout: imagesTr/ + labelsTr/ (two frames per patient) and splits.csv."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for number in range(1, patients + 1):
-        for frame in ("01", "02"):
-            name = f"patient{number:03d}_frame{frame}.nii.gz"
-            image, label = heart_volume(rng)
-            save_nifti(root / "imagesTr" / name, image)
-            save_nifti(root / "labelsTr" / name, label)
-            split = "val" if number in val else "train"
-            rows.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}", "split_ssl4mis": split})
-    with (root / "splits.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["image", "label", "split_ssl4mis"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Synthetic ACDC prepared by the real preparer: volumes + datalist.json, and slices/ for training."""
     root = tmp_path_factory.mktemp("graphflow")
-    raw = make_ssl4mis_acdc(root / "raw" / "ACDC")
+    raw = make_synthetic_volumes(root / "raw" / "ACDC", patients=PATIENTS, shape=SHAPE, val=(2, 7))
     out = root / "data"
     write_slices(prepare_acdc_data(raw, out))
     return out

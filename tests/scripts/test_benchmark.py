@@ -1,6 +1,7 @@
 """scripts/benchmark.py on the tiny ``--quick`` setting: well-formed JSON and markdown, positive finite ratios.
 
-No timing assertions: the numbers depend on the machine and its load.
+polyp_kdas in detail; every other bundle on its own synthetic data (and random paraphrasers where its methods need
+them) with ``none`` and its own method. No timing assertions: the numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -10,8 +11,17 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from scripts import benchmark
+
+# the bundles besides polyp_kdas: their own (default) method and the synthetic data they run on
+OTHER_BUNDLES = {
+    "vessel_lightvessel": ("lightvessel", "vessels"),
+    "pathology_coco": ("coco", "polyps"),
+    "multiorgan_graphflow": ("graph_flow", "volumes"),
+}
+PARAPHRASERS = ["paraphraser_deep.pt", "paraphraser_shallow.pt"]
 
 
 def _positive(value: float) -> bool:
@@ -85,3 +95,37 @@ def test_helpers() -> None:
     config = {"_target_": "kd_components.DistillationTrainer"}
     assert benchmark.is_distillation_trainer(config)
     assert not benchmark.is_distillation_trainer({"_target_": "SupervisedTrainer"})
+
+
+def test_every_bundle_is_covered() -> None:
+    assert set(benchmark.bundle_names()) == {"polyp_kdas", *OTHER_BUNDLES}
+    assert set(benchmark.SYNTHETIC_DATA) == set(benchmark.bundle_names())
+
+
+@pytest.mark.parametrize("bundle", sorted(OTHER_BUNDLES))
+def test_quick_run_of_each_other_bundle(bundle, tmp_path) -> None:
+    method, data = OTHER_BUNDLES[bundle]
+    argv = ["--quick", "--threads", "1", "--bundle", bundle, "--methods", "none", method, "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    (result,) = json.loads((tmp_path / "benchmark.json").read_text())["bundles"]
+    assert result["bundle"] == bundle
+    assert result["inference"]["teacher"]["params"] > result["inference"]["student"]["params"]
+    training = result["training"]
+    assert training["data"] == data and training["image_size"] == [32, 32] and training["batch_size"] == 2
+    assert training["batch_items"] >= 2 and list(training["methods"]) == [method] and "none" in training["skipped"]
+    assert training.get("paraphrasers") == (PARAPHRASERS if bundle != "vessel_lightvessel" else None)
+    measured = training["methods"][method]
+    assert _positive(measured["overhead_ratio"]) and _positive(measured["median_ms"]) and measured["terms"]
+    assert _positive(training["student_step"]["median_ms"]) and _positive(training["teacher_forward"]["median_ms"])
+    assert _positive(training["loader"]["per_batch"]["median_ms"])
+    assert f"| (c) {method}: DistillationTrainer iteration (" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_missing_method_is_skipped_and_unknown_bundle_needs_data() -> None:
+    assert benchmark.synthetic_data_kind("some_rgb_bundle", 3, 2) == "polyps"
+    with pytest.raises(ValueError, match="--dataset_dir"):
+        benchmark.synthetic_data_kind("some_ct_bundle", 1, 3)
+    bundle = benchmark.BUNDLES / "polyp_kdas"
+    assert benchmark.make_paraphrasers(bundle, {}, Path("/nonexistent")) == []  # no paraphraser stage
+    result = benchmark.benchmark_training(bundle, ["coco"], {}, torch.device("cpu"), 0, 1, 1)
+    assert result["methods"] == {} and "no polyp_kdas/configs/methods/coco.json" in result["skipped"]["coco"]
