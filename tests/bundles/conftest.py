@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,30 @@ def run_workflow(bundle: str, names: list[str], workflow_type: str = "train", **
     wf.run()
     wf.finalize()
     return wf
+
+
+def torchrun_training(bundle: str, **override) -> None:
+    """Run ``train.json`` + ``multi_gpu_train.json`` of ``bundle`` with ``torchrun`` on 2 CPU processes (gloo).
+
+    Args:
+        bundle: the bundle folder name.
+        override: config overrides, passed as ``--key value`` (non-strings as compact JSON).
+
+    Fails the test with the end of the workers' stderr when the run does not succeed.
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run",
+        "--config_file", str(configs(bundle, "train.json", "multi_gpu_train.json")),
+        "--bundle_root", str(BUNDLES / bundle),
+    ]  # fmt: skip
+    for key, value in override.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
+    # the repository on the path: the workers import kd_components even where the package is not installed
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
+    proc = subprocess.run(cmd, cwd=BUNDLES / bundle, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def root_cause(err: BaseException) -> BaseException:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +26,7 @@ from kd_components.data.synthetic_volumes import make_synthetic_volumes
 from kd_components.data.volumes import prepare_acdc_data, write_slices
 from kd_components.modules import Paraphraser
 from kd_components.taps import list_tap_candidates
-from tests.bundles.conftest import BUNDLES, SHARED, configs, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import BUNDLES, SHARED, make_workflow, root_cause, run_workflow, torchrun_training
 
 BUNDLE = "multiorgan_graphflow"
 FAST = {"image_size": [32, 32], "epochs": 1, "batch_size": 8, "num_workers": 0, "sw_batch_size": 4}
@@ -362,24 +359,15 @@ def test_each_method_override_trains(method, teacher_run, paraphraser_run, tmp_p
 
 
 def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, paraphraser_run, tmp_path):
-    bundle = BUNDLES / BUNDLE
     over = student(teacher_run, paraphraser_run, tmp_path / "models")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run",
-        "--config_file", str(configs(BUNDLE, "train.json", "multi_gpu_train.json")),
-        "--bundle_root", str(bundle),
-        "--dataset_dir", over["dataset_dir"],
-        "--ckpt_dir", over["ckpt_dir"],
-        "--teacher_ckpt", over["teacher_ckpt"],
-        "--paraphraser_dir", over["paraphraser_dir"],
-        "--output_dir", over["output_dir"],
-        "--image_size", "[32,32]", "--epochs", "1", "--batch_size", "4", "--num_workers", "0",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BUNDLES.parent), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_training(
+        BUNDLE,
+        **{k: over[k] for k in ("dataset_dir", "ckpt_dir", "teacher_ckpt", "paraphraser_dir", "output_dir")},
+        image_size=[32, 32],
+        epochs=1,
+        batch_size=4,
+        num_workers=0,
+    )
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_discriminator.pt"]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)

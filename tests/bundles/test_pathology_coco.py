@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,14 @@ from kd_components import AdversarialDistillationTrainer, DistillationTrainer, F
 from kd_components.data.common import DatasetError
 from kd_components.data.pathology import prepare_pathology_data
 from kd_components.modules import Translator
-from tests.bundles.conftest import BUNDLES, REPO, SHARED, configs, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import (
+    BUNDLES,
+    SHARED,
+    make_workflow,
+    root_cause,
+    run_workflow,
+    torchrun_training,
+)
 
 BUNDLE = "pathology_coco"
 TILE = 64
@@ -296,26 +300,21 @@ def test_missing_or_empty_datalist_and_bad_labels_say_what_to_do(trained, data_d
 
 
 def test_torchrun_ddp_gloo_coco_leaves_model_and_discriminator(trained, tmp_path):
-    bundle = BUNDLES / BUNDLE
     ckpt_dir = tmp_path / "models"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run",
-        "--config_file", str(configs(BUNDLE, "train.json", "multi_gpu_train.json")),
-        "--bundle_root", str(bundle),
-        "--dataset_dir", trained["dataset_dir"],
-        "--ckpt_dir", str(ckpt_dir),
-        "--teacher_ckpt", trained["teacher_ckpt"],
-        "--paraphraser_dir", trained["paraphraser_dir"],
-        "--output_dir", str(tmp_path / "eval"),
-        "--image_size", "[32,32]", "--epochs", "1", "--batch_size", "1", "--num_samples", "2", "--num_workers", "0",
-        "--val_interval", "1",
-    ]  # fmt: skip
-    # the repository on the path: the workers import kd_components even where the package is not installed
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
-    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_training(
+        BUNDLE,
+        dataset_dir=trained["dataset_dir"],
+        ckpt_dir=str(ckpt_dir),
+        teacher_ckpt=trained["teacher_ckpt"],
+        paraphraser_dir=trained["paraphraser_dir"],
+        output_dir=str(tmp_path / "eval"),
+        image_size=[32, 32],
+        epochs=1,
+        batch_size=1,
+        num_samples=2,
+        num_workers=0,
+        val_interval=1,
+    )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt"]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]

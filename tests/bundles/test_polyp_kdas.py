@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from kd_components import AdversarialDistillationTrainer, TapNotFoundError
 from kd_components.data.common import DatasetError
 from kd_components.data.polyp import prepare_polyp_data
 from kd_components.data.synthetic import make_synthetic_polyps
-from tests.bundles.conftest import BUNDLES, SHARED, configs, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import BUNDLES, SHARED, make_workflow, root_cause, run_workflow, torchrun_training
 
 BUNDLE = "polyp_kdas"
 FAST = {"image_size": [32, 32], "epochs": 1, "batch_size": 4, "num_workers": 0}
@@ -254,22 +251,18 @@ def test_mlflow_tracking_records_loss_terms_and_settings(teacher_run, tmp_path):
 
 
 def test_torchrun_ddp_gloo_leaves_one_checkpoint(teacher_run, tmp_path):
-    bundle = BUNDLES / BUNDLE
     ckpt_dir = tmp_path / "models"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run",
-        "--config_file", str(configs(BUNDLE, "train.json", "multi_gpu_train.json")),
-        "--bundle_root", str(bundle),
-        "--dataset_dir", teacher_run["dataset_dir"],
-        "--ckpt_dir", str(ckpt_dir),
-        "--teacher_ckpt", str(Path(teacher_run["ckpt_dir"]) / "teacher.pt"),
-        "--output_dir", str(tmp_path / "eval"),
-        "--image_size", "[32,32]", "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_training(
+        BUNDLE,
+        dataset_dir=teacher_run["dataset_dir"],
+        ckpt_dir=str(ckpt_dir),
+        teacher_ckpt=str(Path(teacher_run["ckpt_dir"]) / "teacher.pt"),
+        output_dir=str(tmp_path / "eval"),
+        image_size=[32, 32],
+        epochs=1,
+        batch_size=2,
+        num_workers=0,
+    )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt"]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)

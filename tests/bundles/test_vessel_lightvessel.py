@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from kd_components.data.common import DatasetError
 from kd_components.data.synthetic_vessels import make_synthetic_vessels
 from kd_components.distiller import probe_shapes
 from kd_components.losses import AdversarialDistillationLoss, FeatureSimilarityDistillationLoss
-from tests.bundles.conftest import BUNDLES, configs, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import BUNDLES, make_workflow, root_cause, run_workflow, torchrun_training
 
 BUNDLE = "vessel_lightvessel"
 SIZE = (32, 48)  # (H, W) of the synthetic images: not square, so a transposed mask would be caught
@@ -335,25 +332,19 @@ def test_mlflow_tracking_records_loss_terms_and_settings(teacher_run, tmp_path):
 
 
 def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_path):
-    bundle = BUNDLES / BUNDLE
     ckpt_dir = tmp_path / "models"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run",
-        "--config_file", str(configs(BUNDLE, "train.json", "multi_gpu_train.json")),
-        "--bundle_root", str(bundle),
-        "--dataset_dir", teacher_run["dataset_dir"],
-        "--ckpt_dir", str(ckpt_dir),
-        "--teacher_ckpt", str(Path(teacher_run["ckpt_dir"]) / "teacher.pt"),
-        "--output_dir", str(tmp_path / "eval"),
-        "--image_size", "[32,32]", "--patches_per_image", "1", "--epochs", "1", "--batch_size", "2",
-        "--num_workers", "0",
-    ]  # fmt: skip
-    repo = str(BUNDLES.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_training(
+        BUNDLE,
+        dataset_dir=teacher_run["dataset_dir"],
+        ckpt_dir=str(ckpt_dir),
+        teacher_ckpt=str(Path(teacher_run["ckpt_dir"]) / "teacher.pt"),
+        output_dir=str(tmp_path / "eval"),
+        image_size=[32, 32],
+        patches_per_image=1,
+        epochs=1,
+        batch_size=2,
+        num_workers=0,
+    )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt"]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
