@@ -5,7 +5,9 @@ The pieces a bundle config instantiates:
 - :class:`FeatureTaps`: record the outputs of named submodules of any network;
 - :class:`FeatureAdapter`: align a student feature to a teacher feature (channels and size, 2D/3D);
 - :class:`DistillationTerm` and :class:`Distiller`: a distillation setup as a list of weighted loss terms;
-- :class:`DistillationTrainer`: MONAI's ``SupervisedTrainer`` with a frozen teacher and those terms;
+- :class:`DistillationTrainer`: MONAI's ``SupervisedTrainer`` with a frozen teacher and those terms (optionally
+  balancing the terms' weights from their gradient norms);
+- :class:`EnsembleTeacher` and :func:`load_ensemble_teacher`: several teacher checkpoints averaged into one teacher;
 - :class:`AdversarialDistillationTrainer` (+ :class:`DiscriminatorBank`): discriminator steps in each iteration;
 - :class:`ParaphraserTrainer` and :func:`load_paraphraser_encoder`: Factor Transfer's paraphraser stage;
 - :class:`SemiSupervisedDistillationTrainer`, :func:`split_labelled`, :class:`PlaceholderLabeld`: KD on unlabelled
@@ -16,6 +18,7 @@ The pieces a bundle config instantiates:
 from kd_components.adapters import FeatureAdapter, match_spatial_size
 from kd_components.adversarial_trainer import AdversarialDistillationTrainer, AdversarialState, DiscriminatorBank
 from kd_components.distiller import Distiller
+from kd_components.ensemble import EnsembleTeacher, load_ensemble_teacher
 from kd_components.paraphraser_trainer import FrozenEncoder, ParaphraserTrainer, load_paraphraser_encoder
 from kd_components.schedules import LinearWarmup
 from kd_components.semisupervised import (
@@ -26,7 +29,13 @@ from kd_components.semisupervised import (
 )
 from kd_components.taps import FeatureTaps, TapNotFoundError, list_tap_candidates, resolve_module, unwrap_network
 from kd_components.terms import DistillationTerm
-from kd_components.trainer import SUPERVISED, DistillationTrainer, term_output_key
+from kd_components.trainer import (
+    BALANCED_WEIGHTS_KEY,
+    SUPERVISED,
+    DistillationTrainer,
+    balanced_weight_key,
+    term_output_key,
+)
 from kd_components.utils import (
     backup_existing,
     count_parameters,
@@ -53,6 +62,10 @@ __all__ = [
     "DistillationTrainer",
     "SUPERVISED",
     "term_output_key",
+    "BALANCED_WEIGHTS_KEY",
+    "balanced_weight_key",
+    "EnsembleTeacher",
+    "load_ensemble_teacher",
     "AdversarialDistillationTrainer",
     "AdversarialState",
     "DiscriminatorBank",
