@@ -34,6 +34,7 @@ __all__ = [
     "PlaceholderLabeld",
     "SemiSupervisedAdversarialDistillationTrainer",
     "SemiSupervisedDistillationTrainer",
+    "labelled_only",
     "split_labelled",
 ]
 
@@ -83,6 +84,35 @@ def split_labelled(
         item[flag_key] = i in keep
         out.append(item)
     return out
+
+
+def labelled_only(
+    datalist: Sequence[Mapping[str, Any]], flag_key: str = LABELLED, same_length: bool = True
+) -> list[dict[str, Any]]:
+    """The labelled items of a :func:`split_labelled` datalist: the training data of the student-alone baseline.
+
+    With ``same_length`` the labelled items are repeated, in order, until the list is as long as ``datalist``, so
+    that an epoch of the labelled-only baseline has as many samples, batches and optimizer steps as an epoch of the
+    semi-supervised run on the whole list. Without it, the baseline would take several times fewer steps at the same
+    number of epochs, and a semi-supervised gain would partly be a longer training.
+
+    Args:
+        datalist: items carrying ``flag_key`` (``True`` for the items that kept their label).
+        flag_key: the key of the flag.
+        same_length: repeat the labelled items to ``len(datalist)`` items.
+
+    Returns:
+        copies of the labelled items.
+
+    Raises:
+        ValueError: when no item is labelled.
+    """
+    labelled = [dict(item) for item in datalist if item.get(flag_key, False)]
+    if not labelled:
+        raise ValueError(f"no item of the datalist is labelled ({flag_key!r} is never true): raise labelled_fraction")
+    if not same_length:
+        return labelled
+    return [dict(labelled[i % len(labelled)]) for i in range(len(datalist))]
 
 
 class PlaceholderLabeld(MapTransform):
