@@ -17,9 +17,20 @@ The pieces a bundle config instantiates:
 
 from kd_components.adapters import FeatureAdapter, match_spatial_size
 from kd_components.adversarial_trainer import AdversarialDistillationTrainer, AdversarialState, DiscriminatorBank
+from kd_components.checkpoint import (
+    AtomicCheckpointSaver,
+    CheckpointWriteError,
+    TrainingStateCheckpoint,
+    atomic_save,
+    check_writable_dir,
+    save_state_dict,
+)
 from kd_components.distiller import Distiller
 from kd_components.ensemble import EnsembleTeacher, load_ensemble_teacher
+from kd_components.handlers import BackupOnStart, FiniteLossGuard
+from kd_components.overrides import OverrideError, check_overrides, validate_overrides
 from kd_components.paraphraser_trainer import FrozenEncoder, ParaphraserTrainer, load_paraphraser_encoder
+from kd_components.run_lock import RunLockError, acquire_run_lock, release_run_lock
 from kd_components.schedules import LinearWarmup
 from kd_components.semisupervised import (
     PlaceholderLabeld,
@@ -83,4 +94,18 @@ __all__ = [
     "load_teacher",
     "require_file",
     "wrap_ddp_if_trainable",
+    "AtomicCheckpointSaver",
+    "CheckpointWriteError",
+    "TrainingStateCheckpoint",
+    "atomic_save",
+    "check_writable_dir",
+    "save_state_dict",
+    "BackupOnStart",
+    "FiniteLossGuard",
+    "OverrideError",
+    "check_overrides",
+    "validate_overrides",
+    "RunLockError",
+    "acquire_run_lock",
+    "release_run_lock",
 ]

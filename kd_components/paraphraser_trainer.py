@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
@@ -60,6 +62,8 @@ class ParaphraserTrainer(SupervisedTrainer):
         teacher: the trained teacher; frozen here (eval mode, ``requires_grad=False``).
         tap: the teacher submodule whose output is paraphrased (a name in ``teacher.named_modules()``).
         image_key: the batch key of the images.
+        check_finite: stop with ``FloatingPointError`` when the reconstruction loss is NaN/Inf, before backward and
+            the optimizer step (so diverged weights are never saved).
         train_handlers: handlers attached after the trainer's own (so they see ``train_reconstruction``).
         kwargs: every other argument of ``SupervisedTrainer`` (``amp``, ``inferer`` for the
             paraphraser, ...) except ``loss_function`` and ``prepare_batch``.
@@ -78,6 +82,7 @@ class ParaphraserTrainer(SupervisedTrainer):
         teacher: nn.Module,
         tap: str,
         image_key: str = "image",
+        check_finite: bool = True,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -100,6 +105,9 @@ class ParaphraserTrainer(SupervisedTrainer):
         self.image_key = image_key
         self.teacher_taps = FeatureTaps(teacher, [tap], owner="teacher", active=False)
         self._sum, self._count = 0.0, 0
+        self.check_finite = check_finite
+        if check_finite:
+            self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check_finite_loss)
         self.add_event_handler(Events.EPOCH_STARTED, self._reset_epoch_mean)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._write_epoch_mean)
@@ -136,6 +144,17 @@ class ParaphraserTrainer(SupervisedTrainer):
                 f"{tuple(feature.shape)}: set the paraphraser's in_channels to {feature.shape[1]}"
             )
         return feature, feature
+
+    def _check_finite_loss(self) -> None:
+        """Raise when this iteration's reconstruction loss is not finite (before backward and the step)."""
+        loss = self.state.output[Keys.LOSS]
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(
+                f"paraphraser stage stopped: non-finite reconstruction loss {float(loss.detach())} of teacher tap "
+                f"{self.tap!r} at epoch {self.state.epoch}, iteration {self.state.iteration}; the paraphraser was "
+                "not saved. To fix: lower paraphraser_learning_rate, check the teacher (its features may be NaN/Inf), "
+                "or turn AMP off."
+            )
 
     def _reset_epoch_mean(self) -> None:
         self._sum, self._count = 0.0, 0

@@ -98,7 +98,8 @@ def load_teacher(
 
     Raises:
         FileNotFoundError: when ``checkpoint`` does not exist.
-        ValueError: when its keys or shapes do not fit ``network`` (the differing keys are listed).
+        ValueError: when its keys or shapes do not fit ``network`` (the differing keys are listed), or its weights
+            are not finite (a diverged teacher).
     """
     todo = hint or "train the teacher first (the bundle's teacher-training stage) or point `teacher_ckpt` to it"
     path = require_file(checkpoint, "teacher checkpoint", todo)
@@ -117,6 +118,13 @@ def load_teacher(
             f"unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}. It was trained with another "
             "architecture: make `teacher_def` the network the teacher-training stage used."
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"teacher checkpoint {path} holds NaN/Inf weights ({len(bad)} tensors, e.g. {bad[:3]}): the teacher's "
+            "training diverged. To fix: retrain the teacher (lower its --learning_rate, or turn AMP off) or point "
+            "`teacher_ckpt` to a good teacher."
+        )
     network.load_state_dict(state)
     if device is not None:
         network.to(device)
@@ -124,9 +132,11 @@ def load_teacher(
 
 
 def backup_existing(paths: Sequence[str | Path] | str | Path, backup_dir: str | Path | None = None) -> list[Path]:
-    """Move files a run is about to overwrite into a timestamped backup, so nothing the user made is lost.
+    """Copy files a run is about to overwrite into a timestamped backup, so nothing the user made is lost.
 
-    Call it in a config's ``initialize`` for every file the run writes at a fixed path (e.g. ``models/model.pt``).
+    The originals stay in place (inference, evaluation and MONAI Label keep finding them) until the run replaces
+    them atomically. Call it when the run really starts, e.g. through :class:`kd_components.BackupOnStart` in the
+    trainer's handlers, for every file the run writes at a fixed path (e.g. ``models/model.pt``).
 
     Args:
         paths: the files the run will write.
@@ -149,8 +159,8 @@ def backup_existing(paths: Sequence[str | Path] | str | Path, backup_dir: str | 
         while target.exists():
             target = folder / f"{p.stem}.{stamp}-{n}{p.suffix}"
             n += 1
-        shutil.move(str(p), str(target))
-        logger.warning("%s existed and would be overwritten by this run: moved to %s", p, target)
+        shutil.copy2(str(p), str(target))
+        logger.warning("%s exists and may be overwritten by this run: copied to %s", p, target)
         moved.append(target)
     return moved
 

@@ -152,7 +152,7 @@ def test_freeze_and_count_parameters():
     assert_frozen(net)
 
 
-def test_backup_moves_existing_file_with_timestamp(tmp_path):
+def test_backup_copies_existing_file_with_timestamp(tmp_path):
     target = tmp_path / "models" / "model.pt"
     target.parent.mkdir()
     target.write_bytes(b"user's trained weights")
@@ -161,7 +161,7 @@ def test_backup_moves_existing_file_with_timestamp(tmp_path):
     assert moved[0].parent == target.parent / "backup"
     assert re.fullmatch(r"model\.\d{8}-\d{6}\.pt", moved[0].name)
     assert moved[0].read_bytes() == b"user's trained weights"
-    assert not target.exists()
+    assert target.read_bytes() == b"user's trained weights"  # copied, not moved: inference still finds it
 
 
 def test_backup_ignores_missing_files_and_honours_backup_dir(tmp_path):

@@ -227,7 +227,7 @@ def test_per_volume_postprocessing_restores_each_volume_size(data_dir):
 
 
 def test_rerun_backs_up_existing_model(teacher_run, paraphraser_run, tmp_path):
-    """A second run never overwrites the model (or discriminator) of the first: they are moved to backup/ first."""
+    """A second run never loses the model (or discriminator) of the first: they are copied to backup/ at its start."""
     over = student(teacher_run, paraphraser_run, tmp_path)
     (tmp_path / "model.pt").write_bytes(b"precious")
     (tmp_path / "model_discriminator.pt").write_bytes(b"also precious")
@@ -368,7 +368,11 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, parap
         batch_size=4,
         num_workers=0,
     )
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_discriminator.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "model.pt",
+        "model_discriminator.pt",
+        "model_resume.pt",
+    ]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
 

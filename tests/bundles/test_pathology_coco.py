@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ckpt_export
 from PIL import Image
 
-from kd_components import AdversarialDistillationTrainer, DistillationTrainer, FrozenEncoder
+from kd_components import AdversarialDistillationTrainer, BackupOnStart, DistillationTrainer, FrozenEncoder
 from kd_components.data.common import DatasetError
 from kd_components.data.pathology import prepare_pathology_data
 from kd_components.modules import Translator
@@ -232,7 +232,7 @@ def test_coco_distill_evaluate_infer_export_with_mlflow(trained, tmp_path):
 
 
 def test_rerun_backs_up_existing_model_and_paraphrasers(trained, tmp_path):
-    """Runs never overwrite what exists: model.pt and paraphrasers are moved to backup/ first."""
+    """Runs never lose what exists: model.pt and paraphrasers are copied to backup/ when a run starts."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     for name in ("model.pt", "paraphraser_shallow.pt"):
@@ -240,7 +240,11 @@ def test_rerun_backs_up_existing_model_and_paraphrasers(trained, tmp_path):
     over = {**trained, "ckpt_dir": str(ckpt_dir), "output_dir": str(tmp_path / "eval")}
     run_workflow(BUNDLE, ["train.json", "methods/none.json"], **over)
     wf = make_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], **{**over, "paraphraser_dir": str(ckpt_dir)})
-    wf.initialize()  # backs up the paraphrasers; not run (the stage itself is tested by the fixture)
+    wf.initialize()
+    # the paraphraser stage backs up when its first trainer starts: fire that handler alone (the stage itself is
+    # tested by the fixture)
+    backup = next(h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, BackupOnStart))
+    backup(None)
     for name in ("model", "paraphraser_shallow"):
         backups = list((ckpt_dir / "backup").glob(f"{name}.*.pt"))
         assert len(backups) == 1 and backups[0].read_bytes() == b"precious"
@@ -315,7 +319,7 @@ def test_torchrun_ddp_gloo_coco_leaves_model_and_discriminator(trained, tmp_path
         num_workers=0,
         val_interval=1,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt", "model_resume.pt"]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]
     assert not any(k.startswith("module.") or ".module." in k for k in [*state, *disc])

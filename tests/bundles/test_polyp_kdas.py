@@ -115,7 +115,7 @@ def test_distill_evaluate_infer_export(teacher_run, tmp_path):
 
 
 def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
-    """A second run never overwrites the model of the first: it is moved to models/backup/ first."""
+    """A second run never loses the model of the first: it is copied to models/backup/ when the run starts."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     (ckpt_dir / "model.pt").write_bytes(b"precious")
@@ -263,7 +263,7 @@ def test_torchrun_ddp_gloo_leaves_one_checkpoint(teacher_run, tmp_path):
         batch_size=2,
         num_workers=0,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model_resume.pt"]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
 

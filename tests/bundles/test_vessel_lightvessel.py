@@ -260,7 +260,7 @@ def test_channel_mismatch_says_what_to_do(fundus_dir, tmp_path):
 
 
 def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
-    """A second run never overwrites the model or discriminator of the first: they are moved to backup/ first."""
+    """A second run never loses the model or discriminator of the first: they are copied to backup/ at its start."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     (ckpt_dir / "model.pt").write_bytes(b"precious")
@@ -345,7 +345,7 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_p
         batch_size=2,
         num_workers=0,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt", "model_resume.pt"]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]

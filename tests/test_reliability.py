@@ -1,0 +1,360 @@
+"""Never lose a model: one test per failure case of issue 11 (atomic checkpoints, backups, one run per folder,
+NaN guards, override validation, early checks, resume, swapped folders)."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from monai.handlers import CheckpointSaver
+from monai.networks.nets import UNet
+from torch import nn
+
+from kd_components import (
+    AtomicCheckpointSaver,
+    BackupOnStart,
+    CheckpointWriteError,
+    FiniteLossGuard,
+    ParaphraserTrainer,
+    RunLockError,
+    TrainingStateCheckpoint,
+    acquire_run_lock,
+    atomic_save,
+    load_teacher,
+    release_run_lock,
+)
+from kd_components import checkpoint as ckpt_module
+from kd_components.modules.paraphraser import Paraphraser
+from kd_components.run_lock import LOCK_NAME
+
+
+def _scored_engine(scores: list[float]) -> Engine:
+    """An engine whose epoch ``e`` reports ``scores[e - 1]`` as its key metric."""
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _score(e: Engine) -> None:
+        e.state.metrics = {"dice": scores[e.state.epoch - 1]}
+
+    return engine
+
+
+def _failing_save(obj, f, *args, **kwargs):
+    """``torch.save`` on a disk that fills up half-way: some bytes are written, then ENOSPC."""
+    f.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# 1. atomic checkpoints
+
+
+def test_monai_saver_deletes_the_best_model_before_writing_its_successor(tmp_path):
+    """The bug being fixed: with MONAI's saver a failed write leaves no model at all."""
+    net = nn.Linear(2, 2)
+    engine = _scored_engine([0.5, 0.9])
+    CheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="dice",
+                    key_metric_filename="model.pt").attach(engine)  # fmt: skip
+    engine.run([0], max_epochs=1)
+    assert (tmp_path / "model.pt").is_file()
+    engine.state.max_epochs = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", _failing_save)
+        with pytest.raises(OSError):
+            engine.run([0], max_epochs=2)
+    assert not (tmp_path / "model.pt").is_file() or (tmp_path / "model.pt").read_bytes() == b"partial"
+
+
+def test_full_disk_keeps_the_last_good_model_and_names_the_folder(tmp_path, monkeypatch):
+    net = nn.Linear(2, 2)
+    engine = _scored_engine([0.5, 0.9, 0.95])
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="dice", key_metric_filename="model.pt"
+    )
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    good = torch.load(tmp_path / "model.pt", weights_only=True)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    monkeypatch.setattr(ckpt_module.torch, "save", _failing_save)
+    with pytest.raises(CheckpointWriteError, match=str(tmp_path)) as err:
+        engine.run([0], max_epochs=2)
+    assert "No space left" in str(err.value) and "unchanged" in str(err.value)
+    survived = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(good[k], survived[k]) for k in good)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+    assert saver.state_dict()["_saved"][0][0] == 0.5  # the best-model tracking still describes the file on disk
+
+
+def test_saver_refuses_unwritable_folder_before_training(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with pytest.raises(CheckpointWriteError, match="not_a_folder.*ckpt_dir"):
+        AtomicCheckpointSaver(str(blocker / "models"), {"model": nn.Linear(1, 1)}, save_key_metric=True)
+
+
+def test_saver_never_writes_nan_weights(tmp_path):
+    net = nn.Linear(2, 2)
+    engine = _scored_engine([0.5, 0.9])
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="dice",
+                          key_metric_filename="model.pt").attach(engine)  # fmt: skip
+    engine.run([0], max_epochs=1)
+    before = (tmp_path / "model.pt").read_bytes()
+    with torch.no_grad():
+        net.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="model.pt.*NaN"):
+        engine.run([0], max_epochs=2)
+    assert (tmp_path / "model.pt").read_bytes() == before
+
+
+def test_atomic_save_keeps_file_permissions_readable(tmp_path):
+    path = atomic_save({"x": torch.ones(1)}, tmp_path / "a.pt")
+    assert path.stat().st_mode & 0o044  # group/others can read, like a plain torch.save
+
+
+# 2. backups copy, and only when the run starts
+
+
+def test_backup_on_start_copies_only_when_the_run_starts(tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"precious")
+    engine = Engine(lambda e, b: None)
+    BackupOnStart([str(model)]).attach(engine)
+    assert not (tmp_path / "backup").exists()  # building the handler copies nothing
+    engine.run([0], max_epochs=1)
+    backups = list((tmp_path / "backup").iterdir())
+    assert [b.read_bytes() for b in backups] == [b"precious"] and model.read_bytes() == b"precious"
+
+
+# 3. one run per output folder
+
+
+def test_second_run_on_the_same_folder_fails_fast(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from kd_components import acquire_run_lock; acquire_run_lock({str(tmp_path)!r}); "
+         "import time; print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockError, match=f"PID {holder.pid}.*--ckpt_dir"):
+            acquire_run_lock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed run's lock is stale: taken over
+    assert (tmp_path / LOCK_NAME).is_file()
+    lock = acquire_run_lock(tmp_path)
+    assert f'"pid": {os.getpid()}' in lock.read_text()
+    release_run_lock(tmp_path)
+    assert not lock.exists()
+
+
+# 4. NaN/Inf guards
+
+
+def _tiny_trainer(lr: float, handlers: list, epochs: int = 2, **kwargs) -> SupervisedTrainer:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    data = [{"image": torch.rand(2, 1, 8, 8), "label": torch.randint(0, 2, (2, 1, 8, 8))} for _ in range(3)]
+    return SupervisedTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=lr),
+        loss_function=lambda p, y: (p - y.float()).pow(2).mean() * (float("nan") if lr > 1e3 else 1.0),
+        train_handlers=handlers,
+        **kwargs,
+    )
+
+
+def test_supervised_trainer_stops_on_nan_before_the_step_naming_the_loss():
+    trainer = _tiny_trainer(1e4, [FiniteLossGuard(stage="teacher")])
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"teacher stopped: non-finite loss at epoch 1, iteration 1: loss=nan"):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in trainer.network.state_dict().items())  # no step taken
+
+
+def test_paraphraser_trainer_stops_on_nan():
+    teacher = UNet(2, 1, 2, (4, 8), (2,), num_res_units=0)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(float("inf"))
+    para = Paraphraser(spatial_dims=2, in_channels=4, factor_channels=2)
+    trainer = ParaphraserTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[{"image": torch.rand(2, 1, 8, 8)}],
+        network=para,
+        optimizer=torch.optim.Adam(para.parameters()),
+        teacher=teacher,
+        tap="model.0.conv",
+    )
+    with pytest.raises(FloatingPointError, match="paraphraser stage stopped.*model.0.conv"):
+        trainer.run()
+
+
+def test_teacher_with_nan_weights_is_refused_naming_the_file(tmp_path):
+    net = UNet(2, 1, 2, (4, 8), (2,), num_res_units=0)
+    state = net.state_dict()
+    state["model.0.conv.weight"] = torch.full_like(state["model.0.conv.weight"], float("nan"))
+    torch.save(state, tmp_path / "teacher.pt")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'teacher.pt'} holds NaN/Inf"):
+        load_teacher(UNet(2, 1, 2, (4, 8), (2,), num_res_units=0), tmp_path / "teacher.pt")
+
+
+# 7. resume
+
+
+def test_training_state_saved_each_epoch_and_restored(tmp_path):
+    path = tmp_path / "model_resume.pt"
+    first = _tiny_trainer(0.1, [TrainingStateCheckpoint(path)], epochs=2)
+    first.run()
+    saved = torch.load(path, weights_only=True)
+    assert saved["engine"]["epoch"] == 2 and saved["engine"]["iteration"] == 6
+    assert {"network", "optimizer"} <= set(saved)
+
+    handler = TrainingStateCheckpoint(path, resume=True)
+    epochs_run = []
+    resumed = _tiny_trainer(0.1, [handler], epochs=4)
+    resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
+    restored = {}
+    resumed.add_event_handler(
+        Events.STARTED, lambda e: restored.update({k: v.clone() for k, v in e.network.state_dict().items()})
+    )
+    resumed.run()
+    assert all(torch.equal(restored[k], saved["network"][k]) for k in saved["network"])
+    assert epochs_run == [3, 4] and resumed.state.iteration == 12
+
+
+# bundle-level cases, on the polyp bundle (the fastest) with tiny synthetic data
+
+BUNDLE = "polyp_kdas"
+FAST = {"image_size": [32, 32], "batch_size": 4, "num_workers": 0, "cache_rate": 0.0}
+STUDENT_ALONE = ["train.json", "methods/none.json"]
+
+
+@pytest.fixture(scope="module")
+def polyp_data(tmp_path_factory):
+    from kd_components.data.synthetic import make_synthetic_polyps
+
+    out = tmp_path_factory.mktemp("polyp_data")
+    make_synthetic_polyps(out, n=12, size=(32, 32), seed=0, overwrite=True)
+    return out
+
+
+def _bundle_cli(*args: str, cwd=None) -> list[str]:
+    from tests.bundles.conftest import BUNDLES, configs
+
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs(BUNDLE, *STUDENT_ALONE)),
+        "--bundle_root", str(BUNDLES / BUNDLE), *args,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    from tests.bundles.conftest import REPO
+
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
+
+
+def test_typo_and_non_numeric_overrides_fail_before_anything_runs(polyp_data, tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"precious")
+    cmd = _bundle_cli("--dataset_dir", str(polyp_data), "--ckpt_dir", str(tmp_path), "--epoch", "2",
+                      "--learning_rate", "abc")  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--epoch matches no id of the config (did you mean --epochs?)" in proc.stderr
+    assert "--learning_rate must be a number (the config has 0.0001), got 'abc'" in proc.stderr
+    assert (tmp_path / "model.pt").read_bytes() == b"precious" and not (tmp_path / "backup").exists()
+
+
+def test_failed_start_leaves_the_model_in_place(polyp_data, tmp_path):
+    from tests.bundles.conftest import make_workflow
+
+    (tmp_path / "model.pt").write_bytes(b"precious")
+    over = {**FAST, "epochs": 1, "dataset_dir": str(polyp_data), "ckpt_dir": str(tmp_path)}
+    wf = make_workflow(BUNDLE, STUDENT_ALONE, output_dir=str(tmp_path / "eval"), learning_rate="abc", **over)
+    wf.initialize()
+    with pytest.raises(RuntimeError):  # AdamW refuses lr="abc" when the trainer is built
+        wf.run()
+    assert (tmp_path / "model.pt").read_bytes() == b"precious" and not (tmp_path / "backup").exists()
+
+
+def test_student_alone_run_is_guarded_backed_up_atomic_and_locked(polyp_data, tmp_path):
+    from tests.bundles.conftest import make_workflow, root_cause
+
+    (tmp_path / "model.pt").write_bytes(b"precious")
+    over = {**FAST, "epochs": 1, "dataset_dir": str(polyp_data), "ckpt_dir": str(tmp_path)}
+    wf = make_workflow(BUNDLE, STUDENT_ALONE, output_dir=str(tmp_path / "eval"), learning_rate=1e30, **over)
+    wf.initialize()
+    assert (tmp_path / LOCK_NAME).is_file()
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert isinstance(root_cause(err.value), FloatingPointError) and "non-finite loss" in str(root_cause(err.value))
+    assert (tmp_path / "model.pt").read_bytes() == b"precious"  # never replaced by NaN weights
+    assert [p.read_bytes() for p in (tmp_path / "backup").iterdir()] == [b"precious"]  # copied at the start
+
+
+def _epoch_of(path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["engine"]["epoch"]
+    except Exception:
+        return 0
+
+
+def test_kill_9_then_resume_restores_the_state_and_finishes(polyp_data, tmp_path):
+    """kill -9 a 4-epoch run after epoch 2 is saved, then --resume true: restored state equals the saved one."""
+    import signal
+    import time
+
+    from tests.bundles.conftest import make_workflow
+
+    state_file = tmp_path / "model_resume.pt"
+    args = ["--dataset_dir", str(polyp_data), "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "eval"),
+            "--epochs", "40", "--image_size", "[32,32]", "--batch_size", "4", "--num_workers", "0"]  # fmt: skip
+    proc = subprocess.Popen(_bundle_cli(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while _epoch_of(state_file) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = torch.load(state_file, weights_only=True)
+    k = saved["engine"]["epoch"]
+    assert k >= 2 and (tmp_path / LOCK_NAME).is_file()  # the killed run's lock stays behind: stale
+
+    over = {**FAST, "dataset_dir": str(polyp_data), "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "eval")}
+    wf = make_workflow(BUNDLE, STUDENT_ALONE, epochs=k + 2, resume=True, **over)
+    wf.initialize()  # takes over the stale lock
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    restored, epochs_run = {}, []
+
+    def _capture(engine):
+        restored["network"] = {n: v.clone() for n, v in engine.network.state_dict().items()}
+        restored["optimizer"] = copy.deepcopy(engine.optimizer.state_dict())
+        restored["epoch"], restored["iteration"] = engine.state.epoch, engine.state.iteration
+
+    trainer.add_event_handler(Events.STARTED, _capture)  # after the resume handler, which runs first
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
+    wf.run()
+    assert restored["epoch"] == k and restored["iteration"] == saved["engine"]["iteration"]
+    assert all(torch.equal(restored["network"][n], saved["network"][n]) for n in saved["network"])
+    opt_saved, opt_restored = saved["optimizer"]["state"], restored["optimizer"]["state"]
+    assert opt_saved.keys() == opt_restored.keys()
+    assert all(torch.equal(opt_saved[i]["exp_avg"], opt_restored[i]["exp_avg"]) for i in opt_saved)
+    assert epochs_run == [k + 1, k + 2]  # nothing redone: the kill came after epoch k was saved
+    assert _epoch_of(state_file) == k + 2
