@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from kd_components.checkpoint import check_writable_dir
+
 __all__ = ["LOCK_NAME", "RunLockError", "acquire_run_lock", "release_run_lock"]
 
 logger = logging.getLogger(__name__)
@@ -74,9 +76,9 @@ def acquire_run_lock(ckpt_dir: str | os.PathLike, key: str = "ckpt_dir") -> Path
 
     Raises:
         RunLockError: when another live run holds the folder, naming its PID, start time and command.
+        CheckpointWriteError: when the folder cannot be created or written, naming it and ``key``.
     """
-    folder = Path(ckpt_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_writable_dir(Path(ckpt_dir).resolve(), key=key)
     path = folder / LOCK_NAME
     host = socket.gethostname()
     info = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}

@@ -48,7 +48,11 @@ def _scored_engine(scores: list[float]) -> Engine:
 
 def _failing_save(obj, f, *args, **kwargs):
     """``torch.save`` on a disk that fills up half-way: some bytes are written, then ENOSPC."""
-    f.write(b"partial")
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as g:
+            g.write(b"partial")
+    else:
+        f.write(b"partial")
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -358,3 +362,73 @@ def test_kill_9_then_resume_restores_the_state_and_finishes(polyp_data, tmp_path
     assert all(torch.equal(opt_saved[i]["exp_avg"], opt_restored[i]["exp_avg"]) for i in opt_saved)
     assert epochs_run == [k + 1, k + 2]  # nothing redone: the kill came after epoch k was saved
     assert _epoch_of(state_file) == k + 2
+
+
+# 6. early checks in initialize, and data errors that name the file
+
+
+def _initialize_error(polyp_data, tmp_path, error_type: type = BaseException, **override) -> BaseException:
+    """The innermost error of ``error_type`` raised by the student-alone stage's ``initialize``."""
+    from tests.bundles.conftest import make_workflow
+
+    over = {**FAST, "epochs": 1, "dataset_dir": str(polyp_data), "ckpt_dir": str(tmp_path / "models"), **override}
+    wf = make_workflow(BUNDLE, STUDENT_ALONE, output_dir=str(tmp_path / "eval"), **over)
+    with pytest.raises(Exception) as err:
+        wf.initialize()
+    cause, found = err.value, err.value
+    while cause is not None:  # MONAI wraps errors raised in config expressions
+        found = cause if isinstance(cause, error_type) else found
+        cause = cause.__cause__
+    return found
+
+
+def test_image_size_not_fitting_the_strides_names_the_key_and_fix(polyp_data, tmp_path):
+    cause = _initialize_error(polyp_data, tmp_path, image_size=[30, 30])
+    assert "image_size [30, 30] does not fit the network" in str(cause) and "--image_size [32, 32]" in str(cause)
+
+
+def test_in_channels_not_matching_the_data_names_the_key_and_file(polyp_data, tmp_path):
+    cause = _initialize_error(polyp_data, tmp_path, **{"network_def#in_channels": 1})
+    assert "has 3 channel(s), the network takes 1 (network_def#in_channels)" in str(cause)
+    assert "synthetic_0001.png" in str(cause)
+
+
+def test_unwritable_checkpoint_folder_fails_at_initialize(polyp_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    cause = _initialize_error(polyp_data, tmp_path, CheckpointWriteError, ckpt_dir=str(tmp_path / "file" / "models"))
+    assert isinstance(cause, CheckpointWriteError) and "--ckpt_dir" in str(cause) and "file/models" in str(cause)
+
+
+def _broken_copy(polyp_data, tmp_path, how: str):
+    import json
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(polyp_data, data)
+    first = data / "images" / "synthetic_0001.png"
+    if how == "truncated":
+        first.write_bytes(first.read_bytes()[:40])
+    elif how == "greyscale":
+        Image.open(first).convert("L").save(first)
+    elif how == "no_label":
+        datalist = json.loads((data / "datalist.json").read_text())
+        datalist["training"][0].pop("label")
+        (data / "datalist.json").write_text(json.dumps(datalist))
+    return data
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", r"could not read .*synthetic_0001.png .*truncated, corrupt"),
+        ("greyscale", r"image .*synthetic_0001.png has 1 channel\(s\), the network takes 3"),
+        ("no_label", r"datalist entry \(.*synthetic_0001.png\) has no \['label'\] key"),
+    ],
+)
+def test_data_errors_name_the_file(polyp_data, tmp_path, how, message):
+    import re
+
+    cause = _initialize_error(_broken_copy(polyp_data, tmp_path, how), tmp_path, ValueError)
+    assert re.search(message, str(cause)), str(cause)
