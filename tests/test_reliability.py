@@ -432,3 +432,38 @@ def test_data_errors_name_the_file(polyp_data, tmp_path, how, message):
 
     cause = _initialize_error(_broken_copy(polyp_data, tmp_path, how), tmp_path, ValueError)
     assert re.search(message, str(cause)), str(cause)
+
+
+# 8. preparers catch swapped image and mask folders
+
+
+def _swap(a, b) -> None:
+    tmp = a.with_name(a.name + ".tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def test_clinicdb_with_swapped_folders_is_refused_suggesting_the_swap(tmp_path):
+    from kd_components.data.common import DatasetError
+    from kd_components.data.polyp import prepare_polyp_data
+    from tests.data.test_polyp import make_clinicdb
+
+    make_clinicdb(tmp_path)
+    root = tmp_path / "CVC-ClinicDB"
+    _swap(root / "Original", root / "Ground Truth")  # some public copies ship it this way
+    swapped = r"(?s)does not look like a mask: it is a colour image.*folders seem swapped"
+    with pytest.raises(DatasetError, match=swapped):
+        prepare_polyp_data(tmp_path / "out", clinicdb_dir=root)
+    assert not (tmp_path / "out" / "datalist.json").exists()
+
+
+def test_xcad_with_swapped_folders_is_refused_suggesting_the_swap(tmp_path):
+    from kd_components.data.common import DatasetError
+    from kd_components.data.vessels import prepare_vessel_data
+    from tests.data.test_vessels import make_xcad
+
+    make_xcad(tmp_path)
+    _swap(tmp_path / "XCAD" / "test" / "images", tmp_path / "XCAD" / "test" / "masks")
+    with pytest.raises(DatasetError, match=r"(?s)looks like a mask: the image and mask folders seem swapped"):
+        prepare_vessel_data(tmp_path / "out", "xcad", tmp_path / "XCAD")

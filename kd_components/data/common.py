@@ -46,6 +46,8 @@ __all__ = [
     "UNLABELED_KEY",
     "DatasetError",
     "DatasetWarning",
+    "ROLE_CHECKS",
+    "check_image_and_mask_roles",
     "check_output_dir",
     "datalist_entries",
     "find_layouts",
@@ -85,6 +87,78 @@ class DatasetError(ValueError):
 
 class DatasetWarning(UserWarning):
     """Suspicious but usable dataset input (for example a mask that is all background)."""
+
+
+ROLE_CHECKS = 3
+"""How many image/mask pairs of each source the preparers check for swapped folders."""
+
+MASK_MAX_VALUES = 32
+"""A mask or label map holds at most this many distinct values (class indices, or 0/255)."""
+
+
+def _why_not_a_mask(array: np.ndarray, lossy: bool) -> str | None:
+    """None when ``array`` looks like a mask or label map (one channel, a few distinct values), else why not."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        rgb = a[..., :3].astype(np.float32)
+        spread = float(np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean())
+        if spread > 8.0:
+            return f"it is a colour image ({a.shape[-1]} channels that differ)"
+        a = a[..., 0]
+    sample = a.ravel()[:: max(1, a.size // 1_000_000)]
+    values = np.unique(sample)
+    if values.size <= MASK_MAX_VALUES and np.all(values == np.round(values)):
+        return None
+    low, high = float(values[0]), float(values[-1])
+    extreme = float(np.mean((sample <= low + 0.15 * (high - low)) | (sample >= high - 0.15 * (high - low))))
+    if lossy and extreme >= 0.9:
+        return None  # a lossy-compressed (JPEG) binary mask: noise around two levels
+    return f"it has {values.size} distinct values, {100 * (1 - extreme):.0f}% of its pixels mid-tones"
+
+
+def check_image_and_mask_roles(
+    image: np.ndarray,
+    mask: np.ndarray,
+    image_path: str | os.PathLike,
+    mask_path: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    mask_dir: str | os.PathLike | None = None,
+    swap_only: bool = False,
+) -> None:
+    """Stop when a mask does not look like a mask (one channel, a few distinct values), suggesting a swap.
+
+    Some public copies of datasets ship the image and mask folders the other way round; thresholded, an RGB frame
+    becomes a plausible-looking but meaningless "label". Preparers call this on the first :data:`ROLE_CHECKS`
+    raw pairs of each source.
+
+    Args:
+        image: the raw image array (``(H, W)``, ``(H, W, C)`` or a volume).
+        mask: the raw mask or label array.
+        image_path: the image file (named in the message).
+        mask_path: the mask file (named in the message).
+        image_dir: the image folder (default: the image file's folder).
+        mask_dir: the mask folder (default: the mask file's folder).
+        swap_only: raise only when the folders look swapped (the image looks like a mask); for preparers whose own
+            mask checks already explain other problems.
+
+    Raises:
+        DatasetError: naming both files and folders; when the image looks like a mask, suggesting the swap.
+    """
+    image_path, mask_path = Path(image_path), Path(mask_path)
+    image_dir = Path(image_dir) if image_dir is not None else image_path.parent
+    mask_dir = Path(mask_dir) if mask_dir is not None else mask_path.parent
+    why = _why_not_a_mask(mask, lossy=mask_path.suffix.lower() in (".jpg", ".jpeg"))
+    if why is None:
+        return
+    message = f"mask {mask_path} does not look like a mask: {why} (a mask has one channel and a few distinct values)."
+    if _why_not_a_mask(image, lossy=image_path.suffix.lower() in (".jpg", ".jpeg")) is None:
+        raise DatasetError(
+            f"{message} And image {image_path} looks like a mask: the image and mask folders seem swapped (images: "
+            f"{image_dir}, masks: {mask_dir}; some public copies ship them that way). To fix: swap the two folders "
+            "(rename them, or pass each as the other's argument)."
+        )
+    if not swap_only:
+        raise DatasetError(f"{message} To fix: check that {mask_dir} holds the masks of the images in {image_dir}.")
 
 
 def format_names(names: Sequence[str | os.PathLike], limit: int = MAX_LISTED) -> str:

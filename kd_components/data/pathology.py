@@ -66,8 +66,10 @@ from kd_components.data.common import (
     DEFAULT_FRACTIONS,
     IMAGES_DIR,
     LABELS_DIR,
+    ROLE_CHECKS,
     DatasetError,
     DatasetWarning,
+    check_image_and_mask_roles,
     datalist_entries,
     find_layouts,
     format_names,
@@ -79,7 +81,7 @@ from kd_components.data.common import (
     staged_output,
     write_datalist,
 )
-from kd_components.data.polyp import read_image, resize_pair
+from kd_components.data.polyp import _read_any, read_image, resize_pair
 
 __all__ = [
     "INSTANCES_DIR",
@@ -517,7 +519,17 @@ def _prepare_source(
     """Convert the tiles of one source into ``staging``; return its items."""
     items = _items(source, limit)
     logger.info("%s: %d tiles from %s", source.description, len(items), source.image_dir)
-    for item in items:
+    for i, item in enumerate(items):
+        if i < ROLE_CHECKS and source.layout != "xml":  # swapped image and mask folders
+            check_image_and_mask_roles(
+                _read_any(item.image),
+                _read_label_pixels(item.annotation),
+                item.image,
+                item.annotation,
+                source.image_dir,
+                source.annotation_dir,
+                swap_only=True,
+            )
         image = read_image(item.image)
         label, instance_map = _annotation_to_label(
             item, image.shape[:2], source.layout, num_classes, supersample, tally

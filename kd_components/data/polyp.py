@@ -48,8 +48,10 @@ from kd_components.data.common import (
     DEFAULT_FRACTIONS,
     IMAGES_DIR,
     LABELS_DIR,
+    ROLE_CHECKS,
     DatasetError,
     DatasetWarning,
+    check_image_and_mask_roles,
     datalist_entries,
     format_names,
     list_files,
@@ -385,7 +387,11 @@ def _prepare_source(
     pairs = _collect_pairs(source, limit)
     logger.info("%s: %d image/mask pairs from %s", source.dataset, len(pairs), source.image_dir.parent)
     empty = []
-    for name, image_path, mask_path in pairs:
+    for i, (name, image_path, mask_path) in enumerate(pairs):
+        if i < ROLE_CHECKS:  # swapped image and mask folders would otherwise threshold RGB frames into "masks"
+            check_image_and_mask_roles(
+                _read_any(image_path), _read_any(mask_path), image_path, mask_path, source.image_dir, source.mask_dir
+            )
         image, mask = _convert_pair(image_path, mask_path, max_size)
         if not mask.any():
             if empty_masks == "error":

@@ -88,9 +88,11 @@ from kd_components.data.common import (
     FOV_DIR,
     IMAGES_DIR,
     LABELS_DIR,
+    ROLE_CHECKS,
     SPLIT_KEYS,
     DatasetError,
     DatasetWarning,
+    check_image_and_mask_roles,
     find_layouts,
     format_names,
     list_files,
@@ -102,7 +104,7 @@ from kd_components.data.common import (
     validate_fractions,
     write_datalist,
 )
-from kd_components.data.polyp import read_image
+from kd_components.data.polyp import _read_any, read_image
 
 __all__ = [
     "DATASETS",
@@ -887,7 +889,13 @@ def prepare_vessel_data(
     with staged_output(out_dir, overwrite) as staging:
         if fov_mode != "none":
             (staging / FOV_DIR).mkdir()
+        checked = 0
         for case in cases:
+            if case.label is not None and case.annotations is None and checked < ROLE_CHECKS:
+                checked += 1  # swapped image and annotation folders
+                check_image_and_mask_roles(
+                    _read_any(case.image), _read_any(case.label), case.image, case.label, swap_only=True
+                )
             image, label, fov = _convert_case(case, options)
             if label is not None and not label.any():
                 empty.append(case.name)

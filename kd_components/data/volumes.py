@@ -90,9 +90,11 @@ from kd_components.data.common import (
     DEFAULT_FRACTIONS,
     IMAGES_DIR,
     LABELS_DIR,
+    ROLE_CHECKS,
     SPLIT_KEYS,
     DatasetError,
     DatasetWarning,
+    check_image_and_mask_roles,
     find_layouts,
     format_names,
     list_files,
@@ -813,8 +815,10 @@ def _prepare_volumes(
     entries: dict[str, list[dict[str, object]]] = {key: [] for key in SPLIT_KEYS}
     spacing_known = source.spacing_known
     with staged_output(out_dir, overwrite, subdirs=VOLUME_SUBDIRS, suffixes=(NIFTI_SUFFIX, ".nii")) as staging:
-        for case in source.cases:
+        for i, case in enumerate(source.cases):
             raw_image, raw_label, reference = _read_case(case)
+            if i < ROLE_CHECKS and case.kind not in ("npz", "h5"):  # swapped image and label folders
+                check_image_and_mask_roles(raw_image, raw_label, case.image, case.label, swap_only=True)
             image, label = convert(case, raw_image, raw_label)
             spacing = _spacing(reference, source.spacing_known)
             spacing_known = spacing_known and spacing is not None
