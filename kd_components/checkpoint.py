@@ -322,8 +322,9 @@ class TrainingStateCheckpoint:
     What is saved (atomically, to ``path``, separate from the best-model file): every attribute of the trainer
     named in :data:`RESUMABLE_ATTRIBUTES` that exists (student, optimizer, AMP scaler, distiller with its adapters,
     discriminators with their optimizer and scaler), the objects in ``save_dict``, the engine's epoch and
-    iteration, the RNG states, and, for each validator of a ``ValidationHandler``, its best metric and the
-    best-model tracking of its :class:`AtomicCheckpointSaver` (so a resumed run does not overwrite a better model).
+    iteration and its ``state_dict_user_keys`` (e.g. frozen balanced term weights), the RNG states, and, for each
+    validator of a ``ValidationHandler``, its best metric and the best-model tracking of its
+    :class:`AtomicCheckpointSaver` (so a resumed run does not overwrite a better model).
     Schedules (e.g. :class:`~kd_components.LinearWarmup`) follow the restored epoch and iteration.
 
     With ``resume=True`` the state is loaded when the run starts (``Events.STARTED``) and training continues with
@@ -380,6 +381,8 @@ class TrainingStateCheckpoint:
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "epoch_length": engine.state.epoch_length,
+            # e.g. the trainer's frozen balanced term weights (ignite's state_dict_user_keys)
+            "user": {k: getattr(engine.state, k, None) for k in getattr(engine, "state_dict_user_keys", [])},
         }
         state["validators"] = [
             {
@@ -444,6 +447,8 @@ class TrainingStateCheckpoint:
             )
         engine.state.epoch = saved["epoch"]
         engine.state.iteration = saved["iteration"]
+        for key, value in saved.get("user", {}).items():
+            setattr(engine.state, key, value)
         for validator, vstate in zip(_validators(engine), state.get("validators", [])):
             validator.state.best_metric = vstate["best_metric"]
             validator.state.best_metric_epoch = vstate["best_metric_epoch"]

@@ -643,12 +643,13 @@ def make_paraphrasers(bundle: Path, override: dict[str, Any], out_dir: Path) -> 
     """Save randomly initialised paraphrasers where the bundle's distillation methods load them from ``out_dir``.
 
     The bundle's paraphraser stage (``configs/train.json`` + ``configs/train_paraphraser.json``) ends by saving each
-    trained paraphraser, ``"$torch.save(@<network>.state_dict(), @<checkpoint path>)"`` in its ``run`` list; these
-    statements are evaluated as they are, with ``paraphraser_dir`` set to ``out_dir`` and without training (weights do
-    not change the cost, as for the teacher). Returns the names of the files written (none without the stage).
+    trained paraphraser, ``"$kd_components.save_state_dict(@<network>, @<checkpoint path>)"`` (or ``torch.save``) in
+    its ``run`` list; these statements are evaluated as they are, with ``paraphraser_dir`` set to ``out_dir`` and
+    without training (weights do not change the cost, as for the teacher). Returns the names of the files written
+    (none without the stage).
 
     Raises:
-        ValueError: when the stage's ``run`` saves nothing with ``torch.save``.
+        ValueError: when the stage's ``run`` saves nothing with ``kd_components.save_state_dict`` / ``torch.save``.
     """
     configs = bundle / "configs"
     stage = configs / "train_paraphraser.json"
@@ -656,9 +657,10 @@ def make_paraphrasers(bundle: Path, override: dict[str, Any], out_dir: Path) -> 
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     parser = _parser([configs / "train.json", stage], {**override, "paraphraser_dir": str(out_dir)})
-    saves = [e for e in parser.get("run", []) if isinstance(e, str) and re.match(r"^\$\s*torch\.save\(", e)]
+    save = r"^\$\s*(torch\.save|kd_components\.save_state_dict)\("
+    saves = [e for e in parser.get("run", []) if isinstance(e, str) and re.match(save, e)]
     if not saves:
-        raise ValueError(f"{stage} saves no paraphraser with torch.save in its run list")
+        raise ValueError(f"{stage} saves no paraphraser (torch.save / kd_components.save_state_dict) in its run list")
     parser["benchmark_save_paraphrasers"] = "$[" + ", ".join(e.strip()[1:] for e in saves) + "]"
     before = {p.name for p in out_dir.iterdir()}
     parser.get_parsed_content("benchmark_save_paraphrasers")

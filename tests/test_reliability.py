@@ -467,3 +467,32 @@ def test_xcad_with_swapped_folders_is_refused_suggesting_the_swap(tmp_path):
     _swap(tmp_path / "XCAD" / "test" / "images", tmp_path / "XCAD" / "test" / "masks")
     with pytest.raises(DatasetError, match=r"(?s)looks like a mask: the image and mask folders seem swapped"):
         prepare_vessel_data(tmp_path / "out", "xcad", tmp_path / "XCAD")
+
+
+def test_adversarial_resume_restores_discriminators_and_continues_like_an_uninterrupted_run(tmp_path):
+    """Distiller (adapters), discriminators and their optimizer are in the state; 2 + 1 epochs == 3 epochs."""
+    from tests.test_adversarial_trainer import build
+
+    def snap(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    straight = build(epochs=3)
+    straight.trainer.run()
+
+    path = tmp_path / "model_resume.pt"
+    first = build(epochs=2)
+    TrainingStateCheckpoint(path).attach(first.trainer)
+    first.trainer.run()
+    saved = torch.load(path, weights_only=True)
+    assert {"network", "optimizer", "distiller", "discriminators", "discriminator_optimizer"} <= set(saved)
+
+    second = build(epochs=3)
+    TrainingStateCheckpoint(path, resume=True).attach(second.trainer)
+    restored = {}
+    second.trainer.add_event_handler(Events.STARTED, lambda e: restored.update(snap(e.discriminators)))
+    second.trainer.run()
+    assert all(torch.equal(restored[k], saved["discriminators"][k]) for k in saved["discriminators"])
+    assert second.trainer.state.epoch == 3
+    for a, b in ((straight.student, second.student), (straight.bank, second.bank)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-6), name
