@@ -496,3 +496,29 @@ def test_adversarial_resume_restores_discriminators_and_continues_like_an_uninte
     for a, b in ((straight.student, second.student), (straight.bank, second.bank)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.allclose(x.float(), y.float(), atol=1e-6), name
+
+
+# 5. override validation: the rule, and MONAI's legitimate uses
+
+
+def test_override_rule_accepts_ids_of_merged_files_and_refuses_typos_and_wrong_types():
+    from kd_components import OverrideError, validate_overrides
+    from kd_components.overrides import parse_cli_overrides
+    from tests.bundles.conftest import configs
+
+    files = configs(BUNDLE, "train.json", "methods/structured_kd_holistic.json")
+    # ids that exist only in the merged method file, and an item its "+validate#handlers" merge appended
+    validate_overrides(files, {"discriminator_learning_rate": 1e-4, "validate#handlers#2#key_metric_filename": "d.pt"})
+    validate_overrides(files, {"epochs": 3, "learning_rate": "$1e-3 * 2", "image_size": [64, 64], "resume": True})
+    with pytest.raises(OverrideError, match=r"--distill#alpa matches no id .*did you mean --distill#alpha"):
+        validate_overrides(files, {"distill#alpa": 0.9})
+    with pytest.raises(OverrideError, match=r"--epochs must be an integer \(the config has 100\), got '2x'"):
+        validate_overrides(files, {"epochs": "2x"})
+    with pytest.raises(OverrideError, match=r"--resume must be true or false"):
+        validate_overrides(files, {"resume": "yes"})
+
+    import monai.bundle.__main__ as cli
+
+    argv = [cli.__file__, "run", "training", "--config_file", str(files), "--epoch=2", "--amp", "--meta_file", "m"]
+    assert parse_cli_overrides(argv) == (files, {"epoch": 2, "amp": True})
+    assert parse_cli_overrides(["pytest", "-x"]) is None  # workflows built in Python are not checked
