@@ -24,7 +24,9 @@ reported values do not change with the environment.
 - :func:`cldice`: per-sample, per-channel clDice of binary tensors ``(B, C, *spatial)``, 1D to 3D;
 - :class:`ClDiceMetric`: MONAI ``CumulativeIterationMetric`` (buffers, reduction, ``get_not_nans``);
 - :class:`SpacedHausdorffDistance`: MONAI's Hausdorff distance handler in physical units, each case's spacing read
-  from its label's affine (voxels when the affine is the identity);
+  from its label's affine (voxels when the affine is the identity); with ``empty_penalty="diagonal"`` a class whose
+  prediction is empty while its label is not (or the reverse) scores the image diagonal instead of MONAI's inf/NaN,
+  which a mean would otherwise silently drop (:func:`image_diagonal`, :func:`hausdorff_with_penalty`);
 - :class:`ClDiceHandler`: the Ignite handler for bundle configs, e.g. in ``validate#handlers`` /
   ``key_val_metric``::
 
@@ -37,29 +39,48 @@ reported values do not change with the environment.
 
 from __future__ import annotations
 
+import logging
+import math
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.handlers import HausdorffDistance, IgniteMetricHandler
-from monai.metrics import CumulativeIterationMetric
+from monai.metrics import Cumulative, CumulativeIterationMetric, compute_hausdorff_distance
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
+try:  # ignite is a MONAI optional dependency; the handlers need it
+    from ignite.metrics.metric import reinit__is_reduced
+except ImportError:  # pragma: no cover
+
+    def reinit__is_reduced(func: Callable) -> Callable:  # noqa: N802 - ignite's name
+        return func
+
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "EMPTY_PENALTIES",
     "SKELETONS",
     "ClDiceHandler",
     "ClDiceMetric",
     "SpacedHausdorffDistance",
     "cldice",
+    "hausdorff_with_penalty",
+    "image_diagonal",
     "skeletonize",
     "soft_skeleton",
     "voxel_spacing",
 ]
 
 SKELETONS = ("torch", "skimage")
+EMPTY_PENALTIES = ("diagonal",)
+"""Named penalties of :func:`hausdorff_with_penalty` (a number is also accepted)."""
 
 
 def _neighbours(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,14 +332,102 @@ def voxel_spacing(tensor: torch.Tensor) -> list[float] | None:
     return spacing[: tensor.ndim - 1]
 
 
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """The diagonal of an image of ``shape`` voxels: ``sqrt(sum((n_i * s_i)^2))``, in the unit of ``spacing``.
+
+    It is longer than any distance between two voxel centres of the image (at most ``sqrt(sum(((n_i - 1) s_i)^2))``),
+    so a Hausdorff distance penalised with it is worse than any prediction that has at least one voxel.
+
+    Args:
+        shape: the spatial shape (no channel).
+        spacing: the voxel size per spatial dim; None for 1 (voxels).
+    """
+    spacing = [1.0] * len(shape) if spacing is None else list(spacing)
+    if len(spacing) != len(shape):
+        raise ValueError(f"spacing {spacing} does not match the {len(shape)} spatial dims of shape {tuple(shape)}")
+    return math.sqrt(sum((float(n) * float(s)) ** 2 for n, s in zip(shape, spacing)))
+
+
+def hausdorff_with_penalty(
+    pred: torch.Tensor,
+    label: torch.Tensor,
+    include_background: bool = False,
+    distance_metric: str = "euclidean",
+    percentile: float | None = None,
+    directed: bool = False,
+    spacing: Sequence[float] | None = None,
+    empty_penalty: str | float = "diagonal",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hausdorff distance of one case, per class, with a stated value where MONAI's is undefined.
+
+    MONAI gives inf or NaN (with a warning) when the prediction or the label of a class is empty, and mean
+    reductions then leave that case out: a model that misses a structure entirely would look *better*. Here:
+
+    - prediction empty, label not (a missed structure), or label empty, prediction not (a structure where there is
+      none): the penalty, ``"diagonal"`` being :func:`image_diagonal` of the case (in the unit of ``spacing``);
+    - both empty: NaN (nothing to measure; left out of means, as MONAI's Dice does for an empty label);
+    - otherwise MONAI's value.
+
+    Args:
+        pred: one case's binary (one-hot) prediction ``(C, *spatial)``; values > 0.5 are foreground.
+        label: the case's ground truth, same shape.
+        include_background: also score channel 0.
+        distance_metric: ``"euclidean"``, ``"chessboard"`` or ``"taxicab"``.
+        percentile: e.g. 95 for HD95; None for the maximum.
+        directed: distance from the prediction to the label only.
+        spacing: the voxel size per spatial dim (None: voxels).
+        empty_penalty: ``"diagonal"`` or a number, in the unit of ``spacing``.
+
+    Returns:
+        ``(values, penalised)``: two ``(C',)`` tensors (``C'`` the scored channels): float32 distances, and bool
+        flags of the classes that received the penalty.
+    """
+    if pred.shape != label.shape:
+        raise ValueError(f"pred and label must have the same shape, got {tuple(pred.shape)} and {tuple(label.shape)}")
+    if isinstance(empty_penalty, str):
+        if empty_penalty not in EMPTY_PENALTIES:
+            raise ValueError(f"empty_penalty must be one of {EMPTY_PENALTIES} or a number, got {empty_penalty!r}")
+        penalty = image_diagonal(pred.shape[1:], spacing)
+    else:
+        penalty = float(empty_penalty)
+    p, g = pred.float() > 0.5, label.float() > 0.5
+    if not include_background and p.shape[0] > 1:
+        p, g = p[1:], g[1:]
+    pred_empty = ~p.flatten(1).any(1).cpu()
+    label_empty = ~g.flatten(1).any(1).cpu()
+    with warnings.catch_warnings():  # MONAI warns about the empty classes handled below
+        warnings.simplefilter("ignore")
+        values = compute_hausdorff_distance(
+            p[None].float(),
+            g[None].float(),
+            include_background=True,
+            distance_metric=distance_metric,
+            percentile=percentile,
+            directed=directed,
+            spacing=None if spacing is None else list(spacing),
+        )[0]
+    values = values.detach().float().cpu()
+    penalised = pred_empty ^ label_empty
+    values = torch.where(penalised, torch.tensor(penalty, dtype=torch.float32), values)
+    values = torch.where(pred_empty & label_empty, torch.tensor(float("nan")), values)
+    return values, penalised
+
+
 class SpacedHausdorffDistance(HausdorffDistance):
-    """MONAI's ``HausdorffDistance`` handler with each case's voxel spacing taken from its label's affine.
+    """MONAI's ``HausdorffDistance`` handler with each case's voxel spacing taken from its label's affine, and an
+    optional stated penalty for empty predictions.
 
     MONAI's handler computes distances in voxels unless a ``spacing`` is passed to the metric, which its ``update``
     never does. Here every case of the batch is scored with the spacing of its label (or prediction) ``MetaTensor``
     (:func:`voxel_spacing`), so HD95 comes in the physical unit of the image header (mm for NIfTI). Data whose affine
-    is the identity (spacing unknown, e.g. the SSL4MIS ACDC copy) gives voxels, as the plain handler; plain tensors
-    too. Arguments as ``monai.handlers.HausdorffDistance``.
+    is the identity (spacing unknown, e.g. the SSL4MIS ACDC copy, or PNG images) gives voxels / pixels, as the
+    plain handler; plain tensors too.
+
+    With ``empty_penalty`` (e.g. ``"diagonal"``), a class whose prediction is empty while its label is not (or the
+    reverse) scores the penalty instead of MONAI's inf / NaN, which mean reductions silently leave out (see
+    :func:`hausdorff_with_penalty`); a class empty in both is NaN. The per-case, per-class flags of the penalised
+    values are saved in ``engine.state.metric_details["<name>_penalised"]`` (with ``save_details``) and the number
+    of penalised cases in ``engine.state.metrics["<name>_penalised"]``, and logged.
 
     Args:
         include_background: also score channel 0.
@@ -329,13 +438,83 @@ class SpacedHausdorffDistance(HausdorffDistance):
         output_transform: extracts ``(y_pred, y)`` — lists of ``(C, *spatial)`` one-hot tensors or batched
             ``(B, C, *spatial)`` tensors — from ``engine.state.output``.
         save_details: save the per-case values in ``engine.state.metric_details`` (for ``MetricsSaver``).
+        empty_penalty: None (MONAI's inf / NaN, left out of the mean), ``"diagonal"`` (the case's image diagonal,
+            :func:`image_diagonal`, in HD95's unit) or a number in that unit.
     """
 
+    def __init__(
+        self,
+        include_background: bool = False,
+        distance_metric: str = "euclidean",
+        percentile: float | None = None,
+        directed: bool = False,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+        empty_penalty: str | float | None = None,
+    ) -> None:
+        if isinstance(empty_penalty, str) and empty_penalty not in EMPTY_PENALTIES:
+            raise ValueError(f"empty_penalty must be None, one of {EMPTY_PENALTIES} or a number, got {empty_penalty!r}")
+        self.empty_penalty = empty_penalty
+        self._penalised = Cumulative()
+        super().__init__(
+            include_background=include_background,
+            distance_metric=distance_metric,
+            percentile=percentile,
+            directed=directed,
+            reduction=reduction,
+            output_transform=output_transform,
+            save_details=save_details,
+        )
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        """Clear the buffered values and penalty flags (at every epoch start)."""
+        super().reset()
+        self._penalised.reset()
+
     def update(self, output: Sequence[torch.Tensor]) -> None:
-        """Score each case of ``output = (y_pred, y)`` with its own spacing."""
+        """Score each case of ``output = (y_pred, y)`` with its own spacing (and the penalty where it applies)."""
         y_pred, y = output
         for pred, label in zip(y_pred, y):
             spacing = voxel_spacing(label)
             if spacing is None:
                 spacing = voxel_spacing(pred)
-            self.metric_fn(y_pred=[pred], y=[label], spacing=spacing)
+            if self.empty_penalty is None:
+                self.metric_fn(y_pred=[pred], y=[label], spacing=spacing)
+                continue
+            metric = self.metric_fn
+            values, penalised = hausdorff_with_penalty(
+                pred,
+                label,
+                include_background=metric.include_background,
+                distance_metric=metric.distance_metric,
+                percentile=metric.percentile,
+                directed=metric.directed,
+                spacing=spacing,
+                empty_penalty=self.empty_penalty,
+            )
+            metric.extend(values[None])
+            self._penalised.extend(penalised[None].float())
+
+    def compute(self) -> Any:
+        """The reduced distance; also records (and logs) the penalised cases when ``empty_penalty`` is set."""
+        result = super().compute()
+        if self.empty_penalty is None or self._engine is None or self._name is None:
+            return result
+        flags = self._penalised.get_buffer()
+        if not isinstance(flags, torch.Tensor):  # no case scored
+            return result
+        if self.save_details:
+            self._engine.state.metric_details[f"{self._name}_penalised"] = flags
+        count = int(flags.bool().any(dim=1).sum())
+        self._engine.state.metrics[f"{self._name}_penalised"] = count
+        if count:
+            logger.info(
+                "%s: %d of %d cases have a class with an empty prediction (or label) and score the penalty %s",
+                self._name,
+                count,
+                flags.shape[0],
+                self.empty_penalty,
+            )
+        return result

@@ -1,4 +1,5 @@
-"""Tests of the clDice metric, its MONAI metric class and its Ignite handler."""
+"""Tests of the clDice metric, its MONAI metric class and its Ignite handler, and of HD95 in header units with a
+stated penalty for empty predictions."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from kd_components.metrics import (
     ClDiceMetric,
     SpacedHausdorffDistance,
     cldice,
+    hausdorff_with_penalty,
+    image_diagonal,
     skeletonize,
     soft_skeleton,
     voxel_spacing,
@@ -224,3 +227,110 @@ def test_spaced_hausdorff_distance_is_in_header_units(spacing, expected):
     pred, label = _shifted_cube(spacing)
     plain.update(([p.as_tensor() for p in pred], [y.as_tensor() for y in label]))
     assert plain.compute() == pytest.approx(1.0)  # no geometry: voxels
+
+
+def _onehot(mask: torch.Tensor) -> torch.Tensor:
+    """(1, *spatial) binary mask -> (2, *spatial) one-hot."""
+    return torch.cat([1 - mask, mask])
+
+
+def _square(shape: tuple[int, int] = (12, 16)) -> torch.Tensor:
+    mask = torch.zeros(1, *shape)
+    mask[0, 3:7, 4:9] = 1
+    return mask
+
+
+def test_image_diagonal_is_in_spacing_units_and_beyond_any_voxel_distance():
+    assert image_diagonal((3, 4)) == pytest.approx(5.0)
+    assert image_diagonal((3, 4), (2.0, 0.5)) == pytest.approx(math.sqrt(36 + 4))
+    assert image_diagonal((8, 8, 8), (1.0, 1.0, 5.0)) == pytest.approx(math.sqrt(64 + 64 + 1600))
+    assert image_diagonal((12, 16)) > math.hypot(11, 15)  # the farthest two pixel centres
+    with pytest.raises(ValueError, match="spacing"):
+        image_diagonal((3, 4), (1.0,))
+
+
+def test_hausdorff_with_penalty_scores_empty_masks_with_the_diagonal():
+    label, empty = _onehot(_square()), _onehot(torch.zeros(1, 12, 16))
+    diagonal = image_diagonal((12, 16))
+    for pred, gt in ((empty, label), (label, empty)):  # a missed structure, and one where there is none
+        value, penalised = hausdorff_with_penalty(pred, gt, percentile=95)
+        assert value.tolist() == pytest.approx([diagonal]) and penalised.tolist() == [True]
+    value, penalised = hausdorff_with_penalty(empty, empty, percentile=95)
+    assert math.isnan(value.item()) and penalised.tolist() == [False]  # nothing to measure
+    shifted = _onehot(torch.roll(_square(), 2, dims=2))
+    value, penalised = hausdorff_with_penalty(shifted, label, percentile=95)
+    assert value.item() == pytest.approx(2.0) and penalised.tolist() == [False]
+    value, _ = hausdorff_with_penalty(empty, label, spacing=(0.5, 2.0), empty_penalty="diagonal")
+    assert value.item() == pytest.approx(image_diagonal((12, 16), (0.5, 2.0)))
+    value, _ = hausdorff_with_penalty(empty, label, empty_penalty=100.0)
+    assert value.item() == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="empty_penalty"):
+        hausdorff_with_penalty(empty, label, empty_penalty="max")
+
+
+def test_hausdorff_with_penalty_per_class():
+    label = torch.zeros(12, 16, dtype=torch.long)
+    label[2:5, 2:5], label[7:10, 9:13] = 1, 2
+    pred = label.clone()
+    pred[pred == 2] = 0  # class 2 missed entirely
+    onehot = [torch.nn.functional.one_hot(x, 3).permute(2, 0, 1).float() for x in (pred, label)]
+    value, penalised = hausdorff_with_penalty(*onehot, percentile=95)
+    assert value.tolist() == pytest.approx([0.0, image_diagonal((12, 16))]) and penalised.tolist() == [False, True]
+
+
+def test_spaced_hausdorff_handler_counts_and_penalises_empty_predictions():
+    label = _onehot(_square())
+    empty = _onehot(torch.zeros(1, 12, 16))
+    shifted = _onehot(torch.roll(_square(), 1, dims=2))
+    data = [{"image": p, "label": label} for p in (empty, shifted, empty)]
+
+    class _Identity(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    def evaluate(handler: SpacedHausdorffDistance) -> SupervisedEvaluator:
+        evaluator = SupervisedEvaluator(
+            device=torch.device("cpu"),
+            val_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
+            network=_Identity(),
+            key_val_metric={"val_hd95": handler},
+        )
+        evaluator.run()
+        return evaluator
+
+    handler = ConfigParser(
+        {
+            "metric": {
+                "_target_": "kd_components.metrics.SpacedHausdorffDistance",
+                "percentile": 95,
+                "empty_penalty": "diagonal",
+                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+            }
+        }
+    ).get_parsed_content("metric")
+    evaluator = evaluate(handler)
+    diagonal = image_diagonal((12, 16))
+    per_case = evaluator.state.metric_details["val_hd95"]
+    assert per_case.flatten().tolist() == pytest.approx([diagonal, 1.0, diagonal])
+    assert evaluator.state.metric_details["val_hd95_penalised"].flatten().tolist() == [1.0, 0.0, 1.0]
+    assert evaluator.state.metrics["val_hd95_penalised"] == 2
+    assert evaluator.state.metrics["val_hd95"] == pytest.approx((2 * diagonal + 1.0) / 3)
+    # without the penalty (MONAI's behaviour): the empty cases are non-finite and the mean leaves them out
+    with pytest.warns(UserWarning, match="all 0"):
+        plain = evaluate(SpacedHausdorffDistance(percentile=95, output_transform=from_engine(["pred", "label"])))
+    assert (~torch.isfinite(plain.state.metric_details["val_hd95"])).sum() == 2
+    assert plain.state.metrics["val_hd95"] == pytest.approx(1.0)
+    assert "val_hd95_penalised" not in plain.state.metric_details
+    with pytest.raises(ValueError, match="empty_penalty"):
+        SpacedHausdorffDistance(empty_penalty="maximum")
+
+
+def test_every_bundle_evaluates_hd95_with_the_diagonal_penalty():
+    import json
+    from pathlib import Path
+
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    for evaluate in sorted(bundles.glob("*/configs/evaluate.json")):
+        entry = json.loads(evaluate.read_text())["validate#additional_metrics#val_hd95"]
+        assert entry["_target_"] == "kd_components.metrics.SpacedHausdorffDistance", evaluate
+        assert entry["empty_penalty"] == "diagonal" and entry["percentile"] == 95, evaluate
