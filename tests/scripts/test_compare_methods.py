@@ -1,14 +1,20 @@
-"""The comparison runner: method resolution, the table, and a tiny end-to-end comparison with a paraphraser stage."""
+"""The comparison runner: method resolution, statistics and tables, seeds and determinism, --plan / --only_job /
+--collect, --eval_sets, HD95 penalties, and a tiny end-to-end comparison with a paraphraser stage."""
 
 from __future__ import annotations
 
 import json
+import math
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from kd_components.data.synthetic import make_synthetic_polyps
 
@@ -138,23 +144,40 @@ def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_track
     assert (out / "teacher" / "models" / "paraphraser_deep.pt").is_file()
     for row in rows:
         assert 0.0 <= row["mean_dice"] <= 1.0 and row["cases"] > 0 and row["params"] > 0
+        assert row["seeds"] == [0]
     assert rows[0]["params"] > rows[1]["params"]
+    assert (out / "needs_paraphraser" / "seed0" / "models" / "model.pt").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["paraphraser_dir"] == str(out / "teacher" / "models")
-    assert (out / "results.md").read_text().count("| student:") == 2
+    assert results["missing_jobs"] == []
+    report = (out / "results.md").read_text()
+    assert report.count("| student: none |") == 1  # the reference: values only
+    assert report.count("| student: needs_paraphraser |") == 4  # values, then Δ of mean Dice, IoU, HD95
+    assert (out / "results_test.png").stat().st_size > 0
 
     client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("compare_probe")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"teacher", "paraphraser", "none", "needs_paraphraser"}
-    assert "test_mean_dice" in runs["none"].data.metrics and "test_mean_dice" in runs["teacher"].data.metrics
+    assert set(runs) == {"teacher", "paraphraser", "none seed0", "needs_paraphraser seed0", "comparison"}
+    assert runs["none seed0"].data.tags["method"] == "none" and runs["none seed0"].data.tags["seed"] == "0"
+    assert runs["teacher"].data.tags["method"] == "teacher" and runs["paraphraser"].data.tags["method"] == "paraphraser"
+    assert "test_mean_dice" in runs["none seed0"].data.metrics and "test_mean_dice" in runs["teacher"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(runs["comparison"].info.run_id)}
+    assert {"results.md", "results.json", "results_test.png"} <= artifacts
 
 
-def test_compare_refuses_unknown_method_before_training(tmp_path):
+def test_compare_refuses_unknown_method_or_missing_teacher_before_training(tmp_path):
     data = tmp_path / "data"
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     with pytest.raises(SystemExit, match="teacher checkpoint .* not found"):
         compare_methods.compare("polyp_kdas", ["none"], data, tmp_path / "out", teacher_ckpt=tmp_path / "t.pt")
+    with pytest.raises(SystemExit, match="no method or override 'kdaz'"):
+        compare_methods.compare("polyp_kdas", ["none", "kdaz"], data, tmp_path / "out")
+    with pytest.raises(SystemExit, match="seeds are repeated"):
+        compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "out", seeds=[1, 1])
+    with pytest.raises(SystemExit, match="eval_sets takes name=path"):
+        compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "out", eval_sets=["cvc"])
+    assert not (tmp_path / "out" / "teacher").exists()
 
 
 def test_parameter_counts_follow_the_run_overrides():
@@ -167,3 +190,215 @@ def test_markdown_table_takes_a_combined_none_as_the_student_alone():
     rows = [_row("teacher", 0.9), _row("student: none+labelled_only", 0.5), _row("student: semi", 0.6)]
     last = [c.strip() for c in compare_methods.markdown_table(rows).splitlines()[4].split("|")[1:-1]]
     assert last[0] == "student: semi" and last[3] == "+0.1000"
+
+
+def _fake_run(seed, dice, hd95, penalised=None, cases=None):
+    """A job result as written by run_job, with given per-case values on the test set."""
+    cases = cases or [f"images/case_{i:02d}.png" for i in range(len(dice))]
+    per_case = {
+        "cases": cases,
+        "main": ["mean_dice", "mean_iou", "hd95"],
+        "metrics": {
+            "mean_dice": list(dice),
+            "dice_polyp": list(dice),
+            "mean_iou": [d / 2 for d in dice],
+            "hd95": list(hd95),
+        },
+        "hd95_penalised": penalised if penalised is not None else [0] * len(dice),
+        "hd95_nonfinite": 0,
+    }
+    return {"seed": seed, "params": 1000, "train_s": 2.0, "sets": {"test": {"per_case": per_case}}}
+
+
+def _fake_comparison():
+    """Per-case results of a teacher, the student alone, and a helpful, a harmful and a neutral method (2 seeds)."""
+    rng = np.random.default_rng(0)
+    n = 40
+    base = rng.uniform(0.5, 0.8, n)
+    hd = rng.uniform(10.0, 20.0, n)
+    plan = {"methods": ["none", "good", "bad", "same"], "seeds": [0, 1], "sets": {"test": {}}, "n_resamples": 2000}
+    results = {"teacher": _fake_run(0, base + 0.06, hd - 4.0)}
+    for seed in (0, 1):
+        noise = rng.normal(0.0, 0.005, n)
+        results[f"none:{seed}"] = _fake_run(seed, base + noise, hd, penalised=[1] + [0] * (n - 1))
+        results[f"good:{seed}"] = _fake_run(seed, base + 0.03 + rng.normal(0.0, 0.005, n), hd - 2.0)
+        results[f"bad:{seed}"] = _fake_run(seed, base - 0.05 + rng.normal(0.0, 0.005, n), hd + 3.0)
+        same = base + rng.normal(0.0, 0.02, n)
+        results[f"same:{seed}"] = _fake_run(seed, same - (same - base).mean(), hd + rng.normal(0.0, 1.0, n))
+    return plan, results
+
+
+def test_summarize_gives_deltas_cis_verdicts_and_gap_closed():
+    plan, results = _fake_comparison()
+    rows = compare_methods.summarize(plan, results)
+    by = {r["method"]: r["sets"]["test"]["metrics"] for r in rows}
+    assert [r["model"] for r in rows] == ["teacher", "student: none", "student: good", "student: bad", "student: same"]
+    assert by["teacher"]["mean_dice"]["verdict"] == "better"  # the teacher–student gap
+    assert by["teacher"]["mean_dice"]["delta"] == pytest.approx(0.06, abs=0.005)
+    good, bad, same = by["good"], by["bad"], by["same"]
+    assert (
+        good["mean_dice"]["verdict"] == "better" and good["mean_dice"]["ci_low"] < 0.03 < good["mean_dice"]["ci_high"]
+    )
+    assert good["mean_dice"]["gap_closed"] == pytest.approx(0.5, abs=0.1)
+    assert good["hd95"]["verdict"] == "better" and good["hd95"]["delta"] == pytest.approx(-2.0)  # lower is better
+    assert good["hd95"]["gap_closed"] == pytest.approx(0.5)
+    assert bad["mean_dice"]["verdict"] == "worse" and bad["hd95"]["verdict"] == "worse"
+    assert bad["mean_dice"]["gap_closed"] < 0
+    assert (
+        same["mean_dice"]["verdict"] == "no evidence" and same["mean_dice"]["ci_low"] < 0 < same["mean_dice"]["ci_high"]
+    )
+    none = rows[1]
+    assert none["sets"]["test"]["hd95_penalised"] == [1, 1] and none["mean_dice"] == pytest.approx(
+        none["sets"]["test"]["metrics"]["mean_dice"]["mean"]
+    )
+    assert len(none["sets"]["test"]["metrics"]["mean_dice"]["per_seed"]) == 2
+    assert math.isfinite(none["sets"]["test"]["metrics"]["mean_dice"]["sd"])
+    again = compare_methods.summarize(plan, results)  # seeded resampling: the same numbers again
+    assert json.dumps(compare_methods._jsonable(again)) == json.dumps(compare_methods._jsonable(rows))
+
+    table = compare_methods.markdown_table(rows)
+    assert "Teacher − student alone (none), mean Dice: +0.06" in table and "the teacher is better" in table
+    good_line = next(line for line in table.splitlines() if line.startswith("| student: good | mean Dice |"))
+    assert "| better | 5" in good_line
+    assert "HD95 penalised" in table and "| 1, 1 of 40 |" in table
+    assert "image, sqrt(Σ (size × spacing)²)" in table and "2000 resamples" in table
+
+
+def test_gap_closed_is_na_when_the_teacher_is_not_better():
+    plan, results = _fake_comparison()
+    teacher = results["teacher"]["sets"]["test"]["per_case"]["metrics"]
+    teacher["mean_dice"] = [d - 0.1 for d in results["none:0"]["sets"]["test"]["per_case"]["metrics"]["mean_dice"]]
+    rows = compare_methods.summarize(plan, results)
+    good = rows[2]["sets"]["test"]["metrics"]["mean_dice"]
+    assert good["verdict"] == "better" and math.isnan(good["gap_closed"])
+    table = compare_methods.markdown_table(rows)
+    assert "the teacher is WORSE than the student alone" in table
+    assert next(line for line in table.splitlines() if line.startswith("| student: good | mean Dice |")).endswith(
+        "| better | n/a |"
+    )
+
+
+def _make_sets(root: Path) -> dict[str, Path]:
+    """The training data and two tiny external sets: one with a test split, one without (evaluated whole)."""
+    data = root / "data"
+    make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
+    with_test = root / "set_a"
+    make_synthetic_polyps(with_test, n=10, size=(32, 32), seed=1, fractions=(0.4, 0.2, 0.4), overwrite=True)
+    whole = root / "set_b"
+    make_synthetic_polyps(whole, n=5, size=(32, 32), seed=2, fractions=(0.6, 0.2, 0.2), overwrite=True)
+    datalist = json.loads((whole / "datalist.json").read_text())
+    del datalist["test"]
+    (whole / "datalist.json").write_text(json.dumps(datalist))
+    return {"data": data, "a": with_test, "b": whole}
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> dict:
+    """A comparison run through --plan, --only_job (teacher, none:0, none:1), --collect, with two --eval_sets."""
+    root = tmp_path_factory.mktemp("planned")
+    sets = _make_sets(root)
+    out = root / "out"
+    common = ["--bundle", "polyp_kdas", "--methods", "none", "--dataset_dir", str(sets["data"]), "--out", str(out)]
+    fast = ["--epochs", "1", "--image_size", "32", "32", "--batch_size", "4", "--num_workers", "0"]
+    evals = ["--eval_sets", f"a={sets['a']}", f"b={sets['b']}"]
+    assert compare_methods.main([*common, *fast, *evals, "--seeds", "0", "1", "--no_mlflow", "--plan"]) == 0
+    commands = [
+        shlex.split(line) for line in (out / "jobs.sh").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert compare_methods.main(commands[-1][2:]) == 1  # --collect before any job: every job missing
+    early = json.loads((out / "results.json").read_text())
+    for command in commands[:-1]:
+        assert compare_methods.main(command[2:]) == 0
+    assert compare_methods.main(commands[-1][2:]) == 0
+    return {"out": out, "sets": sets, "commands": commands, "early": early}
+
+
+def test_plan_writes_one_command_per_job_and_collect_builds_the_tables(planned):
+    out, commands = planned["out"], planned["commands"]
+    jobs = [c[c.index("--only_job") + 1] for c in commands if "--only_job" in c]
+    assert jobs == ["teacher", "none:0", "none:1"] and "--collect" in commands[-1]
+    assert planned["early"]["missing_jobs"] == jobs and planned["early"]["rows"] == []
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing_jobs"] == [] and results["settings"]["seeds"] == [0, 1]
+    assert [r["model"] for r in results["rows"]] == ["teacher", "student: none"]
+    assert sorted((r["job"], r["seed"]) for r in results["runs"]) == [("none:0", 0), ("none:1", 1), ("teacher", 0)]
+    for job, folder in (("none:0", "none/seed0"), ("none:1", "none/seed1"), ("teacher", "teacher")):
+        assert json.loads((out / folder / "result.json").read_text())["job"] == job
+    none = results["rows"][1]["sets"]["test"]["metrics"]["mean_dice"]
+    assert len(none["per_seed"]) == 2 and none["verdict"] == ""  # the reference has no Δ
+    run = next(r for r in results["runs"] if r["job"] == "none:1")
+    cases = run["sets"]["test"]["per_case"]["cases"]
+    assert cases and all(c.startswith("images/") for c in cases)  # named relative to the dataset folder
+    assert len(run["sets"]["test"]["per_case"]["metrics"]["mean_dice"]) == len(cases)
+    report = (out / "results.md").read_text()
+    assert "## test:" in report and "## a:" in report and "## b:" in report and "Teacher − student alone" in report
+    assert all((out / f"results_{name}.png").stat().st_size > 0 for name in ("test", "a", "b"))
+
+
+def test_eval_sets_evaluate_every_model_on_their_test_split_or_whole(planned):
+    out, sets = planned["out"], planned["sets"]
+    results = json.loads((out / "results.json").read_text())
+    plan = results["settings"]
+    assert plan["sets"]["a"]["split"] == "test" and plan["sets"]["b"]["split"] == "all labelled items"
+    a_test = json.loads((sets["a"] / "datalist.json").read_text())["test"]
+    b_splits = json.loads((sets["b"] / "datalist.json").read_text())
+    b_items = json.loads((out / "eval_sets" / "b" / "datalist.json").read_text())["test"]
+    assert len(b_items) == len(b_splits["training"]) + len(b_splits["validation"])  # the set without a test split
+    for run in results["runs"]:  # the teacher included
+        assert len(run["sets"]["a"]["per_case"]["cases"]) == len(a_test)
+        assert len(run["sets"]["b"]["per_case"]["cases"]) == len(b_items)
+    teacher_row = results["rows"][0]
+    assert set(teacher_row["sets"]) == {"test", "a", "b"}
+    assert teacher_row["sets"]["b"]["metrics"]["mean_dice"]["n_paired"] > 0  # a Δ (the gap) on every set
+    assert (out / "teacher" / "eval_sets" / "b" / "val_mean_dice_raw.csv").is_file()
+
+
+def test_same_seed_gives_the_same_run_and_different_seeds_different_runs(planned):
+    out = planned["out"]
+    first = json.loads((out / "none" / "seed0" / "result.json").read_text())
+    other = json.loads((out / "none" / "seed1" / "result.json").read_text())
+    assert first["weights_md5"] != other["weights_md5"]  # different seeds: different runs
+    torch.rand(1000)  # whatever ran before in this process must not matter
+    again = compare_methods.run_job(out, "none:0")
+    assert again["weights_md5"] == first["weights_md5"]
+    assert again["sets"]["test"]["per_case"] == first["sets"]["test"]["per_case"]
+    assert again["environment"]["threads"] == first["environment"]["threads"]
+
+
+def test_only_job_and_collect_read_the_plan(planned):
+    out = planned["out"]
+    with pytest.raises(SystemExit, match="take their settings from"):
+        compare_methods.main(["--out", str(out), "--only_job", "none:0", "--epochs", "3"])
+    with pytest.raises(SystemExit, match="unknown job 'kdas:0'"):
+        compare_methods.main(["--out", str(out), "--only_job", "kdas:0"])
+    with pytest.raises(SystemExit, match="no plan.json"):
+        compare_methods.main(["--out", str(out / "elsewhere"), "--collect"])
+
+
+def test_empty_predictions_are_counted_and_penalised_with_the_diagonal(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=20, size=(32, 32), seed=0, fractions=(0.5, 0.1, 0.4), overwrite=True)
+    network = compare_methods._workflow(POLYP, ["train.json"], "train").parser.get_parsed_content("network_def")
+    for parameter in network.parameters():  # equal logits everywhere: argmax is the background, nothing predicted
+        torch.nn.init.zeros_(parameter)
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    result = compare_methods.evaluate_stage(
+        POLYP,
+        ["train.json"],
+        tmp_path / "eval",
+        case_root=data,
+        dataset_dir=str(data),
+        ckpt_dir=str(tmp_path),
+        image_size=[32, 32],
+        num_workers=0,
+    )
+    per_case = result["per_case"]
+    labels = json.loads((data / "datalist.json").read_text())["test"]
+    has_polyp = [bool(np.asarray(Image.open(data / item["label"])).any()) for item in labels]
+    assert any(has_polyp) and per_case["cases"] == [item["image"] for item in labels]
+    assert per_case["hd95_penalised"] == [int(h) for h in has_polyp]  # every labelled case missed, counted
+    diagonal = math.hypot(32, 32)
+    for value, polyp in zip(per_case["metrics"]["hd95"], has_polyp):
+        assert value == pytest.approx(diagonal) if polyp else math.isnan(value)
+    assert per_case["hd95_nonfinite"] == has_polyp.count(False)
+    assert result["hd95"] == pytest.approx(diagonal)  # the mean no longer drops the missed cases
