@@ -13,7 +13,8 @@ The rule (:func:`validate_overrides`):
 - where the config holds a number, the override must be a number (an integer where the config has an integer), or
   an expression (``$...``, ``@...``); where it holds a list, a list or an expression; where a boolean, a boolean;
 - ``monai.bundle run``'s own arguments (``config_file``, ``meta_file``, ``logging_file``, ``tracking``,
-  ``args_file``, ``run_id``...) are not overrides.
+  ``args_file``, ``run_id``...) are not overrides, and with ``--tracking`` the ids its settings add
+  (``tracking_uri``, ``experiment_name``, ``run_name``... for ``mlflow``) are valid too.
 
 :func:`check_overrides` applies it to the command line of the current process (also under ``torchrun``); bundle
 configs call it first in ``initialize``. Workflows built from Python (``ConfigWorkflow(**override)``) are not
@@ -93,12 +94,15 @@ def _type_problem(key: str, default: Any, value: Any) -> str | None:
     return None
 
 
-def validate_overrides(config_file: str | Sequence[str], override: Mapping[str, Any]) -> None:
+def validate_overrides(
+    config_file: str | Sequence[str], override: Mapping[str, Any], extra_ids: Sequence[str] = ()
+) -> None:
     """Check ``override`` against the merged ``config_file`` (the rule in this module's docstring).
 
     Args:
         config_file: the config files, merged in order as ``monai.bundle`` does (``+`` merges included).
         override: ``{id: value}`` as passed to ``ConfigWorkflow``; ``monai.bundle run``'s own arguments are skipped.
+        extra_ids: further valid ids (e.g. those ``--tracking mlflow`` adds: ``tracking_uri``, ``experiment_name``).
 
     Raises:
         OverrideError: listing every unknown key with the closest valid ids, and every mistyped value, each with
@@ -109,7 +113,7 @@ def validate_overrides(config_file: str | Sequence[str], override: Mapping[str, 
     ids = sorted(set(_ids(config)))
     problems = []
     for key, value in override.items():
-        if key in RUN_ARGUMENTS or key.startswith("_meta_"):
+        if key in RUN_ARGUMENTS or key in extra_ids or key.startswith("_meta_"):
             continue
         normal = key.replace("::", "#")
         if normal not in parser:
@@ -147,11 +151,13 @@ def _parse_value(text: str) -> Any:
             return text
 
 
-def parse_cli_overrides(argv: Sequence[str]) -> tuple[Any, dict[str, Any]] | None:
+def parse_cli_overrides(argv: Sequence[str], raw: bool = False) -> Any:
     """The config files and overrides of a ``monai.bundle run`` command line (None for other command lines).
 
     Args:
         argv: ``sys.argv`` of the process.
+
+        raw: return every argument, ``{key: value}``, ``monai.bundle run``'s own included.
 
     Returns:
         ``(config_file, {key: value})`` with values parsed as ``fire`` parses them; the contents of
@@ -180,6 +186,8 @@ def parse_cli_overrides(argv: Sequence[str]) -> tuple[Any, dict[str, Any]] | Non
     if "args_file" in args:
         from_file = ConfigParser.load_config_file(str(args["args_file"]))
         args = {**from_file, **args}
+    if raw:
+        return args
     return args.get("config_file"), {k: v for k, v in args.items() if k not in RUN_ARGUMENTS}
 
 
@@ -198,9 +206,34 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     if parsed is None or parsed[0] is None:
         return
     config_file, override = parsed
+    argv = sys.argv if argv is None else argv
+    validate_overrides(_config_files(config_file), override, _tracking_ids(parse_cli_overrides(argv, raw=True)))
+
+
+def _config_files(config_file: Any) -> Any:
+    """``--config_file`` as ``monai.bundle`` reads it (a list may come written as a string)."""
     if isinstance(config_file, str) and not Path(config_file).is_file():
         try:  # monai.bundle also accepts a list written as a string, e.g. "['a.json','b.json']"
-            config_file = ast.literal_eval(config_file)
+            return ast.literal_eval(config_file)
         except (ValueError, SyntaxError):
             pass
-    validate_overrides(config_file, override)
+    return config_file
+
+
+def _tracking_ids(args: Mapping[str, Any] | None) -> list[str]:
+    """The config ids that ``--tracking`` adds (MONAI's ``mlflow`` settings, or a settings file's ``configs``)."""
+    tracking = (args or {}).get("tracking")
+    if not tracking:
+        return []
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
+        settings = DEFAULT_EXP_MGMT_SETTINGS[tracking]
+    elif isinstance(tracking, Mapping):
+        settings = tracking
+    else:
+        try:
+            settings = ConfigParser.load_config_files(tracking)
+        except Exception:  # MONAI reports a bad --tracking itself
+            return []
+    return list(settings.get("configs", {}))

@@ -86,7 +86,11 @@ def require_file(path: str | Path, what: str, todo: str) -> Path:
 
 
 def load_teacher(
-    network: nn.Module, checkpoint: str | Path, device: str | torch.device | None = None, hint: str = ""
+    network: nn.Module,
+    checkpoint: str | Path,
+    device: str | torch.device | None = None,
+    hint: str = "",
+    probe_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     """Load trained teacher weights strictly, move the teacher to ``device`` and freeze it.
 
@@ -95,11 +99,13 @@ def load_teacher(
         checkpoint: path of the teacher's state dict, written by the bundle's teacher-training stage.
         device: where the teacher should run.
         hint: what the user should do when the file is missing (e.g. the command that trains the teacher).
+        probe_shape: when given (e.g. ``[1, 3, 352, 352]``), run the loaded teacher once on a random input of this
+            shape and refuse it when its output is not finite.
 
     Raises:
         FileNotFoundError: when ``checkpoint`` does not exist.
         ValueError: when its keys or shapes do not fit ``network`` (the differing keys are listed), or its weights
-            are not finite (a diverged teacher).
+            (or, with ``probe_shape``, its outputs) are not finite (a diverged teacher).
     """
     todo = hint or "train the teacher first (the bundle's teacher-training stage) or point `teacher_ckpt` to it"
     path = require_file(checkpoint, "teacher checkpoint", todo)
@@ -128,7 +134,19 @@ def load_teacher(
     network.load_state_dict(state)
     if device is not None:
         network.to(device)
-    return freeze(network)
+    freeze(network)
+    if probe_shape is not None:
+        param = next(network.parameters(), None)
+        probe = torch.rand(*probe_shape, device=param.device if param is not None else "cpu")
+        with torch.no_grad():
+            out = network(probe)
+        outputs = out if isinstance(out, (list, tuple)) else [out]
+        if not all(bool(torch.isfinite(o).all()) for o in outputs if isinstance(o, torch.Tensor)):
+            raise ValueError(
+                f"teacher checkpoint {path} gives NaN/Inf outputs on a random input of shape {list(probe_shape)}: the "
+                "teacher's training diverged. To fix: retrain the teacher or point `teacher_ckpt` to a good teacher."
+            )
+    return network
 
 
 def backup_existing(paths: Sequence[str | Path] | str | Path, backup_dir: str | Path | None = None) -> list[Path]:

@@ -502,7 +502,7 @@ def test_adversarial_resume_restores_discriminators_and_continues_like_an_uninte
 
 
 def test_override_rule_accepts_ids_of_merged_files_and_refuses_typos_and_wrong_types():
-    from kd_components import OverrideError, validate_overrides
+    from kd_components import OverrideError, check_overrides, validate_overrides
     from kd_components.overrides import parse_cli_overrides
     from tests.bundles.conftest import configs
 
@@ -522,3 +522,17 @@ def test_override_rule_accepts_ids_of_merged_files_and_refuses_typos_and_wrong_t
     argv = [cli.__file__, "run", "training", "--config_file", str(files), "--epoch=2", "--amp", "--meta_file", "m"]
     assert parse_cli_overrides(argv) == (files, {"epoch": 2, "amp": True})
     assert parse_cli_overrides(["pytest", "-x"]) is None  # workflows built in Python are not checked
+    check_overrides([*argv[:5], "--tracking", "mlflow", "--tracking_uri", "file:/tmp/x", "--epochs", "2"])
+    with pytest.raises(OverrideError, match="--tracking_uri matches no id"):  # only with --tracking
+        check_overrides([*argv[:5], "--tracking_uri", "file:/tmp/x"])
+
+
+def test_teacher_with_non_finite_outputs_is_refused_naming_the_file(tmp_path):
+    net = UNet(2, 1, 2, (4, 8), (2,), num_res_units=0)
+    state = net.state_dict()
+    state["model.0.conv.weight"] = torch.full_like(state["model.0.conv.weight"], 1e38)  # finite, but overflows
+    torch.save(state, tmp_path / "teacher.pt")
+    teacher = load_teacher(UNet(2, 1, 2, (4, 8), (2,), num_res_units=0), tmp_path / "teacher.pt")  # no probe: loads
+    assert teacher is not None
+    with pytest.raises(ValueError, match=f"{tmp_path / 'teacher.pt'} gives NaN/Inf outputs"):
+        load_teacher(UNet(2, 1, 2, (4, 8), (2,), num_res_units=0), tmp_path / "teacher.pt", probe_shape=[1, 1, 8, 8])

@@ -239,8 +239,8 @@ def test_rerun_backs_up_existing_model(teacher_run, paraphraser_run, tmp_path):
 
 def test_missing_teacher_or_paraphraser_says_what_to_run(teacher_run, paraphraser_run, tmp_path):
     wf = make_workflow(BUNDLE, ["train.json"], **{**teacher_run, "ckpt_dir": str(tmp_path)})
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, FileNotFoundError) and "teacher checkpoint not found" in str(cause)
@@ -248,8 +248,8 @@ def test_missing_teacher_or_paraphraser_says_what_to_run(teacher_run, paraphrase
 
     over = {**student(teacher_run, paraphraser_run, tmp_path), "paraphraser_dir": str(tmp_path / "none")}
     wf = make_workflow(BUNDLE, ["train.json"], **over)
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, FileNotFoundError) and "paraphraser checkpoint not found" in str(cause)
@@ -257,8 +257,8 @@ def test_missing_teacher_or_paraphraser_says_what_to_run(teacher_run, paraphrase
 
     # the paraphraser stage itself needs the teacher
     wf = make_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], **{**teacher_run, "ckpt_dir": str(tmp_path)})
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     assert "train_teacher.json" in str(root_cause(err.value))
 
@@ -268,8 +268,8 @@ def test_bad_data_says_what_to_do(teacher_run, data_dir, tmp_path):
 
     def failure(dataset_dir: Path) -> BaseException:
         wf = make_workflow(BUNDLE, stage, **{**teacher_run, "dataset_dir": str(dataset_dir), "ckpt_dir": str(tmp_path)})
-        wf.initialize()
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+            wf.initialize()
             wf.run()
         return root_cause(err.value)
 

@@ -257,16 +257,16 @@ def test_missing_teacher_or_paraphraser_says_what_to_run(trained, tmp_path):
         # (the paraphraser stage's initialize backs up the paraphrasers of its paraphraser_dir: an empty one here)
         no_teacher = {"teacher_ckpt": str(tmp_path / "teacher.pt"), "paraphraser_dir": str(tmp_path / "new")}
         wf = make_workflow(BUNDLE, names, **{**over, **no_teacher})
-        wf.initialize()
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+            wf.initialize()
             wf.run()
         cause = root_cause(err.value)
         assert isinstance(cause, FileNotFoundError) and "teacher checkpoint not found" in str(cause)
         assert "train_teacher.json" in str(cause)
 
     wf = make_workflow(BUNDLE, ["train.json"], **{**over, "paraphraser_dir": str(tmp_path)})
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, FileNotFoundError) and "paraphraser_shallow.pt" in str(cause)
@@ -280,8 +280,8 @@ def test_missing_or_empty_datalist_and_bad_labels_say_what_to_do(trained, data_d
             ["train.json", "train_teacher.json"],
             **{**trained, "dataset_dir": str(dataset_dir), "ckpt_dir": str(tmp_path / "models")},
         )
-        wf.initialize()
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+            wf.initialize()
             wf.run()
         return root_cause(err.value)
 

@@ -128,8 +128,8 @@ def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
 
 def test_missing_teacher_checkpoint_says_what_to_do(data_dir, tmp_path):
     wf = make_workflow(BUNDLE, ["train.json"], dataset_dir=str(data_dir), ckpt_dir=str(tmp_path), **FAST)
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, FileNotFoundError) and "teacher checkpoint not found" in str(cause)
@@ -144,8 +144,8 @@ def test_unknown_tap_lists_close_names(teacher_run, tmp_path):
         "inputs": {"student": "student:model.1.submodul", "teacher": "teacher:model.1.submodule"},
     }
     wf = make_workflow(BUNDLE, ["train.json"], output_dir=str(tmp_path), **{**teacher_run, "distill#terms": [term]})
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, TapNotFoundError) and "'model.1.submodule'" in str(cause)
@@ -158,8 +158,8 @@ def test_missing_datalist_and_bad_labels_say_what_to_do(teacher_run, tmp_path):
         ["train.json", "train_teacher.json"],
         **{**teacher_run, "dataset_dir": str(tmp_path), "ckpt_dir": str(tmp_path)},
     )
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, DatasetError) and "datalist not found" in str(cause)
@@ -174,8 +174,8 @@ def test_missing_datalist_and_bad_labels_say_what_to_do(teacher_run, tmp_path):
         ["train.json", "train_teacher.json"],
         **{**teacher_run, "dataset_dir": str(bad), "ckpt_dir": str(tmp_path)},
     )
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert "outside the class indices 0..1" in str(cause) and label.name in str(cause)

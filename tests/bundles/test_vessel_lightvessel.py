@@ -273,8 +273,8 @@ def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
 
 def test_missing_teacher_checkpoint_says_what_to_do(data_dir, tmp_path):
     wf = make_workflow(BUNDLE, ["train.json"], dataset_dir=str(data_dir), ckpt_dir=str(tmp_path), **FAST)
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert isinstance(cause, FileNotFoundError) and "teacher checkpoint not found" in str(cause)
@@ -305,8 +305,8 @@ def test_missing_or_empty_datalist_and_bad_labels_say_what_to_do(data_dir, tmp_p
     wf = make_workflow(
         BUNDLE, ["train.json", "train_teacher.json"], **{**FAST, "dataset_dir": str(bad), "ckpt_dir": str(tmp_path)}
     )
-    wf.initialize()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
+        wf.initialize()
         wf.run()
     cause = root_cause(err.value)
     assert "outside the class indices 0..1" in str(cause) and label.name in str(cause)
