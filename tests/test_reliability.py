@@ -351,11 +351,13 @@ def test_kill_9_then_resume_restores_the_state_and_finishes(polyp_data, tmp_path
         restored["network"] = {n: v.clone() for n, v in engine.network.state_dict().items()}
         restored["optimizer"] = copy.deepcopy(engine.optimizer.state_dict())
         restored["epoch"], restored["iteration"] = engine.state.epoch, engine.state.iteration
+        restored["best"] = wf.parser.get_parsed_content("validate#evaluator").state.best_metric
 
     trainer.add_event_handler(Events.STARTED, _capture)  # after the resume handler, which runs first
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
     wf.run()
     assert restored["epoch"] == k and restored["iteration"] == saved["engine"]["iteration"]
+    assert restored["best"] == saved["validators"][0]["best_metric"] > 0  # a worse epoch cannot replace model.pt
     assert all(torch.equal(restored["network"][n], saved["network"][n]) for n in saved["network"])
     opt_saved, opt_restored = saved["optimizer"]["state"], restored["optimizer"]["state"]
     assert opt_saved.keys() == opt_restored.keys()
@@ -536,3 +538,29 @@ def test_teacher_with_non_finite_outputs_is_refused_naming_the_file(tmp_path):
     assert teacher is not None
     with pytest.raises(ValueError, match=f"{tmp_path / 'teacher.pt'} gives NaN/Inf outputs"):
         load_teacher(UNet(2, 1, 2, (4, 8), (2,), num_res_units=0), tmp_path / "teacher.pt", probe_shape=[1, 1, 8, 8])
+
+
+def test_paraphraser_stage_resumes_both_paraphrasers(tmp_path):
+    """The paraphraser stage saves each trainer's state; --resume true continues both (1 more epoch each)."""
+    from kd_components.data.pathology import prepare_pathology_data
+    from tests.bundles.conftest import make_workflow, run_workflow
+    from tests.bundles.test_pathology_coco import FAST as COCO_FAST
+    from tests.bundles.test_pathology_coco import make_he_tiles
+
+    data = tmp_path / "data"
+    prepare_pathology_data(data, tiles_dir=make_he_tiles(tmp_path / "raw", n=6), fractions=(0.6, 0.2, 0.2))
+    models = tmp_path / "models"
+    over = {**COCO_FAST, "dataset_dir": str(data), "ckpt_dir": str(models), "output_dir": str(tmp_path / "eval")}
+    teacher = make_workflow("pathology_coco", ["train.json"], **over).parser.get_parsed_content("teacher_def")
+    atomic_save(teacher.state_dict(), models / "teacher.pt")  # any finite teacher will do
+    stage = ["train.json", "train_paraphraser.json"]
+    run_workflow("pathology_coco", stage, paraphraser_epochs=1, **over)
+    for role in ("shallow", "deep"):
+        assert torch.load(models / f"paraphraser_{role}_resume.pt", weights_only=True)["engine"]["epoch"] == 1
+    wf = run_workflow("pathology_coco", stage, paraphraser_epochs=2, resume=True, **over)
+    for trainer_id, handlers_id in (("train#trainer", "train#handlers"), ("paraphraser_deep#trainer",
+                                                                        "paraphraser_deep#handlers")):  # fmt: skip
+        trainer = wf.parser.get_parsed_content(trainer_id)
+        assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * trainer.state.epoch_length
+        (state,) = [h for h in wf.parser.get_parsed_content(handlers_id) if isinstance(h, TrainingStateCheckpoint)]
+        assert state.loaded["engine"]["epoch"] == 1  # continued from epoch 1, not restarted
