@@ -364,6 +364,8 @@ def test_kill_9_then_resume_restores_the_state_and_finishes(polyp_data, tmp_path
     assert all(torch.equal(opt_saved[i]["exp_avg"], opt_restored[i]["exp_avg"]) for i in opt_saved)
     assert epochs_run == [k + 1, k + 2]  # nothing redone: the kill came after epoch k was saved
     assert _epoch_of(state_file) == k + 2
+    wf.finalize()
+    assert not (tmp_path / LOCK_NAME).exists()  # released when the run ends (and at exit)
 
 
 # 6. early checks in initialize, and data errors that name the file
