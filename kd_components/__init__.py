@@ -12,6 +12,9 @@ The pieces a bundle config instantiates:
 - :class:`ParaphraserTrainer` and :func:`load_paraphraser_encoder`: Factor Transfer's paraphraser stage;
 - :class:`SemiSupervisedDistillationTrainer`, :func:`split_labelled`, :class:`PlaceholderLabeld`: KD on unlabelled
   samples, supervision on the labelled ones;
+- never losing a model: :class:`AtomicCheckpointSaver` (atomic checkpoints), :class:`TrainingStateCheckpoint`
+  (resume), :class:`FiniteLossGuard` (NaN/Inf), :class:`BackupOnStart`, :func:`acquire_run_lock` (one run per
+  folder), :func:`check_overrides` and :func:`check_input` (typos and misfits caught in ``initialize``);
 - :mod:`kd_components.losses`: the distillation losses.
 """
 
