@@ -1163,7 +1163,9 @@ def markdown_table(
         notes: append :func:`footnotes`.
         n_resamples: the bootstrap resamples named in the notes; None: those the rows were computed with.
     """
-    if not rows or any("sets" not in r for r in rows):
+    if not rows:
+        return "(no finished run)"
+    if any("sets" not in r for r in rows):
         return _legacy_table(rows, hd95_unit)
     n_resamples = n_resamples or int(rows[0].get("n_resamples", 10000))
     rows = [r for r in rows if set_name in r["sets"]]
