@@ -29,6 +29,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
+from kd_components.settings import write_trained_settings
+
 __all__ = [
     "CheckpointWriteError",
     "atomic_save",
@@ -167,18 +169,29 @@ class AtomicDiskSaver(BaseSaveHandler):
         dirname: the folder checkpoints go to.
         filename: a fixed file name to use instead of ignite's (MONAI's ``key_metric_filename`` / ``final_filename``).
         check_finite: refuse to write checkpoints holding NaN/Inf.
+        settings: when given, also written (after the checkpoint) as ``<stem>_settings.json`` beside it, with
+            :func:`kd_components.settings.write_trained_settings` (e.g. the image size inference must use).
     """
 
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        dirname: str | os.PathLike,
+        filename: str | None = None,
+        check_finite: bool = True,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.dirname = Path(dirname)
         self.filename = filename
         self.check_finite = check_finite
+        self.settings = settings
         self._pending: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         name = self.filename or filename
         if _is_main_process():
             atomic_save(checkpoint, self.dirname / name, check_finite=self.check_finite)
+            if self.settings is not None:
+                write_trained_settings(self.dirname / name, self.settings)
             for old in self._pending:
                 if old != name:
                     (self.dirname / old).unlink(missing_ok=True)
@@ -199,20 +212,32 @@ class AtomicCheckpointSaver(CheckpointSaver):
     - with ``check_finite`` (default), weights holding NaN/Inf are never written, and no "final" checkpoint is
       written when training stopped on a non-finite loss.
 
+    - with ``settings`` (e.g. ``{"image_size": "@image_size"}``), the key-metric and final checkpoints get a
+      ``<stem>_settings.json`` beside them, written each time they are, which ``inference.json`` reads.
+
     ``save_dir`` is checked for writability when the saver is built, before any training.
 
     Args:
         save_dir: the target directory.
         save_dict: the objects to save, as for ``CheckpointSaver``.
         check_finite: refuse to write non-finite weights.
+        settings: the training settings inference needs, recorded beside the key-metric and final checkpoints.
         kwargs: every other argument of MONAI's ``CheckpointSaver``.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, check_finite: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        check_finite: bool = True,
+        settings: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if _is_main_process():
             check_writable_dir(save_dir)
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         self.check_finite = check_finite
+        self.settings = settings
         fixed = {
             "_final_checkpoint": kwargs.get("final_filename"),
             "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
@@ -221,7 +246,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for attr, filename in fixed.items():
             ckpt = getattr(self, attr)
             if ckpt is not None:
-                ckpt.save_handler = AtomicDiskSaver(save_dir, filename=filename, check_finite=check_finite)
+                ckpt.save_handler = AtomicDiskSaver(
+                    save_dir,
+                    filename=filename,
+                    check_finite=check_finite,
+                    settings=settings if filename is not None else None,
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """The key-metric tracking (best score so far), for :class:`TrainingStateCheckpoint`."""

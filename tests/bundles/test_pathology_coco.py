@@ -319,7 +319,12 @@ def test_torchrun_ddp_gloo_coco_leaves_model_and_discriminator(trained, tmp_path
         num_workers=0,
         val_interval=1,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt", "model_resume.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "discriminator.pt",
+        "model.pt",
+        "model_resume.pt",
+        "model_settings.json",
+    ]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]
     assert not any(k.startswith("module.") or ".module." in k for k in [*state, *disc])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_train_and_inference_networks_agree():
     train = make_workflow(BUNDLE, ["train.json"]).parser
     infer = make_workflow(BUNDLE, ["inference.json"], workflow_type="infer").parser
     assert train.get("network_def") == infer.get("network_def")
-    assert train.get("image_size") == infer.get("image_size")
+    assert train.get_parsed_content("image_size") == infer.get_parsed_content("image_size")
     teacher = train.get_parsed_content("teacher_def")
     student = train.get_parsed_content("network_def")
     n_t = sum(p.numel() for p in teacher.parameters())
@@ -263,7 +264,8 @@ def test_torchrun_ddp_gloo_leaves_one_checkpoint(teacher_run, tmp_path):
         batch_size=2,
         num_workers=0,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model_resume.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model_resume.pt", "model_settings.json"]
+    assert json.loads((ckpt_dir / "model_settings.json").read_text()) == {"image_size": [32, 32]}
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
 

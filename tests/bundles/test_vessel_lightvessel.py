@@ -345,7 +345,12 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_p
         batch_size=2,
         num_workers=0,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["discriminator.pt", "model.pt", "model_resume.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "discriminator.pt",
+        "model.pt",
+        "model_resume.pt",
+        "model_settings.json",
+    ]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]
