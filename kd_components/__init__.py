@@ -8,6 +8,8 @@ The pieces a bundle config instantiates:
 - :class:`DistillationTrainer`: MONAI's ``SupervisedTrainer`` with a frozen teacher and those terms (optionally
   balancing the terms' weights from their gradient norms);
 - :class:`EnsembleTeacher` and :func:`load_ensemble_teacher`: several teacher checkpoints averaged into one teacher;
+- :func:`load_bundle_teacher`: any MONAI bundle (e.g. from the model zoo) as the teacher, checked against the
+  student's task;
 - :class:`AdversarialDistillationTrainer` (+ :class:`DiscriminatorBank`): discriminator steps in each iteration;
 - :class:`ParaphraserTrainer` and :func:`load_paraphraser_encoder`: Factor Transfer's paraphraser stage;
 - :class:`SemiSupervisedDistillationTrainer`, :func:`split_labelled`, :class:`PlaceholderLabeld`: KD on unlabelled
@@ -20,6 +22,7 @@ The pieces a bundle config instantiates:
 
 from kd_components.adapters import FeatureAdapter, match_spatial_size
 from kd_components.adversarial_trainer import AdversarialDistillationTrainer, AdversarialState, DiscriminatorBank
+from kd_components.bundle_teacher import BundleTeacherError, load_bundle_teacher
 from kd_components.checkpoint import (
     AtomicCheckpointSaver,
     CheckpointWriteError,
@@ -81,6 +84,8 @@ __all__ = [
     "balanced_weight_key",
     "EnsembleTeacher",
     "load_ensemble_teacher",
+    "load_bundle_teacher",
+    "BundleTeacherError",
     "AdversarialDistillationTrainer",
     "AdversarialState",
     "DiscriminatorBank",

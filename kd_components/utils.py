@@ -91,6 +91,7 @@ def load_teacher(
     device: str | torch.device | None = None,
     hint: str = "",
     probe_shape: Sequence[int] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Load trained teacher weights strictly, move the teacher to ``device`` and freeze it.
 
@@ -101,6 +102,8 @@ def load_teacher(
         hint: what the user should do when the file is missing (e.g. the command that trains the teacher).
         probe_shape: when given (e.g. ``[1, 3, 352, 352]``), run the loaded teacher once on a random input of this
             shape and refuse it when its output is not finite.
+        state: the state dict, when the caller has already read it from ``checkpoint`` (e.g. unwrapped from a
+            ``{"model": ...}`` checkpoint); ``checkpoint`` is then only named in messages.
 
     Raises:
         FileNotFoundError: when ``checkpoint`` does not exist.
@@ -109,7 +112,8 @@ def load_teacher(
     """
     todo = hint or "train the teacher first (the bundle's teacher-training stage) or point `teacher_ckpt` to it"
     path = require_file(checkpoint, "teacher checkpoint", todo)
-    state = load_state_dict_file(path, "teacher checkpoint")
+    if state is None:
+        state = load_state_dict_file(path, "teacher checkpoint")
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
