@@ -101,8 +101,8 @@ def _positions(spec: LossSpec, shape: Shape, grid: int) -> int:
     return _grid_positions(grid, spatial)
 
 
-def _kwargs_grid(key: str, grid: int | None) -> dict[str, int]:
-    return {} if grid is None else {key: grid}
+def _kwargs_grid(grid: int | None) -> dict[str, int]:
+    return {} if grid is None else {"grid": grid}
 
 
 def _discriminator(shape: Shape) -> nn.Module:
@@ -114,13 +114,13 @@ def _pairwise(shape: Shape, grid: int) -> float:  # B * N^2 * C: the (N, N) simi
 
 
 SPECS: list[LossSpec] = [
-    LossSpec("LogitKD", lambda s, g: losses.LogitKD(), "logits"),
-    LossSpec("PixelWiseKD", lambda s, g: losses.PixelWiseKD(), "logits"),
-    LossSpec("ChannelWiseDistillation", lambda s, g: losses.ChannelWiseDistillation(), "logits"),
-    LossSpec("DIST", lambda s, g: losses.DIST(), "logits"),
+    LossSpec("LogitKDLoss", lambda s, g: losses.LogitKDLoss(), "logits"),
+    LossSpec("PixelWiseKDLoss", lambda s, g: losses.PixelWiseKDLoss(), "logits"),
+    LossSpec("ChannelWiseDistillationLoss", lambda s, g: losses.ChannelWiseDistillationLoss(), "logits"),
+    LossSpec("DISTLoss", lambda s, g: losses.DISTLoss(), "logits"),
     LossSpec(
         "KDASAttentionLoss",
-        lambda s, g: losses.KDASAttentionLoss(**_kwargs_grid("grid", g)),
+        lambda s, g: losses.KDASAttentionLoss(**_kwargs_grid(g)),
         "logits2",
         default_grid=32,
         cost=lambda s, g: s.batch * _grid_positions(g, s.spatial) ** 2,
@@ -136,7 +136,7 @@ SPECS: list[LossSpec] = [
     LossSpec("FactorTransferLoss", lambda s, g: losses.FactorTransferLoss(), "features"),
     LossSpec(
         "PairWiseAffinityLoss",
-        lambda s, g: losses.PairWiseAffinityLoss(**_kwargs_grid("grid", g)),
+        lambda s, g: losses.PairWiseAffinityLoss(**_kwargs_grid(g)),
         "features",
         default_grid=16,
         cost=_pairwise,
@@ -144,7 +144,7 @@ SPECS: list[LossSpec] = [
     ),
     LossSpec(
         "CIRKDLoss",
-        lambda s, g: losses.CIRKDLoss(**_kwargs_grid("grid", g)),
+        lambda s, g: losses.CIRKDLoss(**_kwargs_grid(g)),
         "features",
         default_grid=16,
         cost=lambda s, g: s.batch**2 * _grid_positions(g, s.spatial) ** 2 * s.channels,
@@ -152,7 +152,7 @@ SPECS: list[LossSpec] = [
     ),
     LossSpec(
         "CrossLayerCorrelationLoss",
-        lambda s, g: losses.CrossLayerCorrelationLoss(**_kwargs_grid("grid_size", g)),
+        lambda s, g: losses.CrossLayerCorrelationLoss(**_kwargs_grid(g)),
         "four",
         default_grid=16,
         cost=lambda s, g: s.batch * _grid_positions(g, [n // 2 for n in s.spatial]) ** 3,
@@ -160,7 +160,7 @@ SPECS: list[LossSpec] = [
     ),
     LossSpec(
         "GraphFlowLoss",
-        lambda s, g: losses.GraphFlowLoss(**_kwargs_grid("grid_size", g)),
+        lambda s, g: losses.GraphFlowLoss(**_kwargs_grid(g)),
         "four",
         default_grid=4,
         cost=lambda s, g: s.batch * s.channels**2 * _grid_positions(g, [n // 2 for n in s.spatial]),

@@ -5,6 +5,8 @@ shaped ``(B, C, *spatial)`` with one, two or three spatial dimensions, and retur
 detached inside each loss, so no gradient can reach the teacher whatever the caller passes.
 """
 
+import warnings
+
 from .adversarial import AdversarialDistillationLoss as AdversarialDistillationLoss
 from .adversarial import AdversarialObjective as AdversarialObjective
 from .adversarial import HingeObjective as HingeObjective
@@ -20,12 +22,28 @@ from .feature import FitNetLoss as FitNetLoss
 from .feature import MGDLoss as MGDLoss
 from .kdas import KDASAttentionLoss as KDASAttentionLoss
 from .kdas import KDASSGMLoss as KDASSGMLoss
-from .kdas import StructureLoss as StructureLoss
-from .logit import DIST as DIST
-from .logit import ChannelWiseDistillation as ChannelWiseDistillation
-from .logit import LogitKD as LogitKD
-from .logit import PixelWiseKD as PixelWiseKD
+from .logit import ChannelWiseDistillationLoss as ChannelWiseDistillationLoss
+from .logit import DISTLoss as DISTLoss
+from .logit import LogitKDLoss as LogitKDLoss
+from .logit import PixelWiseKDLoss as PixelWiseKDLoss
 from .region import EMKDRegionAffinityLoss as EMKDRegionAffinityLoss
 from .region import IFVDLoss as IFVDLoss
 from .region import InterClassDistanceLoss as InterClassDistanceLoss
 from .region import PositionInformationLoss as PositionInformationLoss
+from .supervised import StructureLoss as StructureLoss
+
+# Names before the losses took the ``*Loss`` suffix: still resolved (configs' ``_target_`` included), with a warning.
+_RENAMED = {
+    "LogitKD": "LogitKDLoss",
+    "PixelWiseKD": "PixelWiseKDLoss",
+    "ChannelWiseDistillation": "ChannelWiseDistillationLoss",
+    "DIST": "DISTLoss",
+}
+
+
+def __getattr__(name: str) -> type:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"kd_components.losses.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,16 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_components.taps import unwrap_network
+
 from ._grid import autocast_off
 
 __all__ = ["AdversarialDistillationLoss", "AdversarialObjective", "HingeObjective", "WGANGPObjective"]
-
-
-def _unwrap(discriminator: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel (its hooks must not see a generator step)."""
-    if isinstance(discriminator, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return discriminator.module
-    return discriminator
 
 
 @contextlib.contextmanager
@@ -59,7 +54,8 @@ class AdversarialObjective:
     def generator_loss(self, discriminator: nn.Module, fake: torch.Tensor) -> torch.Tensor:
         """Scalar loss to minimise w.r.t. the student (``fake``): ``-mean D(fake)`` (WGAN and hinge alike)."""
         with frozen(discriminator):
-            return -_scores(_unwrap(discriminator), fake).mean()
+            # the module inside a data-parallel wrapper: the wrapper's hooks must not see a generator step
+            return -_scores(unwrap_network(discriminator), fake).mean()
 
 
 class WGANGPObjective(AdversarialObjective):

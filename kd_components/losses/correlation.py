@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_components.adapters import match_spatial_size
+
 from ._grid import adaptive_pool, autocast_off, check_spatial, clip_grid
-from .feature import interpolate_to
 
 __all__ = ["CrossLayerCorrelationLoss", "FeatureSimilarityDistillationLoss", "GraphFlowLoss"]
 
@@ -33,7 +34,7 @@ class CrossLayerCorrelationLoss(nn.Module):
     """CoCo DistillNet cross-layer correlation: match how spatial similarity changes from a shallow to a deep layer.
 
     Formulation used here: every tap is pooled (adaptive average or max) to a common grid g — per spatial dim
-    ``min(grid_size, smallest size of that dim among the four taps)``, so no dim is pooled up and a one-slice volume
+    ``min(grid, smallest size of that dim among the four taps)``, so no dim is pooled up and a one-slice volume
     gives the same result as its 2D slice. Each position's channel vector is L2-normalised and the channel-mixed
     spatial similarity is ``A = F̂ᵀF̂`` (|g|×|g|, cosines in [-1, 1]). The cross-layer correlation is
 
@@ -48,12 +49,12 @@ class CrossLayerCorrelationLoss(nn.Module):
     rather than only gating one by the other.
 
     Cost: O(B·|g|³) for matmul; with the default g = 16 per dim a 3D tap gives |g| = 4096 — use a smaller
-    ``grid_size`` (e.g. 8) for volumes.
+    ``grid`` (e.g. 8) for volumes.
 
     Paper defaults: 16×16 grid (2D); weight λ_s = 1 alongside CE + Dice and the adversarial term.
 
     Args:
-        grid_size: pooling grid per spatial dim, an int or one int per dim.
+        grid: pooling grid per spatial dim, an int or one int per dim.
         product: ``"matmul"`` or ``"elementwise"``.
         pooling: ``"avg"`` or ``"max"`` adaptive pooling.
         eps: floor of the L2 norm in the per-position normalisation.
@@ -64,14 +65,14 @@ class CrossLayerCorrelationLoss(nn.Module):
     """
 
     def __init__(
-        self, grid_size: int | Sequence[int] = 16, product: str = "matmul", pooling: str = "avg", eps: float = 1e-8
+        self, grid: int | Sequence[int] = 16, product: str = "matmul", pooling: str = "avg", eps: float = 1e-8
     ) -> None:
         super().__init__()
         if product not in ("matmul", "elementwise"):
             raise ValueError(f"product must be 'matmul' or 'elementwise', got {product!r}")
         if pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
-        self.grid_size = grid_size
+        self.grid = grid
         self.product = product
         self.pooling = pooling
         self.eps = eps
@@ -113,7 +114,7 @@ class CrossLayerCorrelationLoss(nn.Module):
             teacher_shallow=teacher_shallow,
             teacher_deep=teacher_deep,
         )
-        grid = clip_grid(self.grid_size, *(x.shape[2:] for x in taps))
+        grid = clip_grid(self.grid, *(x.shape[2:] for x in taps))
         with autocast_off(student_shallow):
             c_s = self.correlation(student_shallow, student_deep, grid)
             c_t = self.correlation(teacher_shallow, teacher_deep, grid)
@@ -125,7 +126,7 @@ class GraphFlowLoss(nn.Module):
 
     Formulation used here: for each tap F (B, C, *S) a graph has one vertex per channel, described by
 
-    - ``"pooled"`` (default): the channel map adaptive-average-pooled to a common grid g (per dim ``min(grid_size,
+    - ``"pooled"`` (default): the channel map adaptive-average-pooled to a common grid g (per dim ``min(grid,
       smallest size among the four taps)``), flattened to |g| values;
     - ``"patch"``: the k×k(×k) patch of the channel map around the channel's peak activation (k = ``patch_size``,
       clipped to the map; per dim ``min(k, smallest size among the taps)``), flattened.
@@ -146,7 +147,7 @@ class GraphFlowLoss(nn.Module):
 
     Args:
         descriptor: ``"pooled"`` or ``"patch"``.
-        grid_size: pooling grid per spatial dim for ``"pooled"`` (int or one per dim).
+        grid: pooling grid per spatial dim for ``"pooled"`` (int or one per dim).
         patch_size: k, the salient-patch size per spatial dim for ``"patch"``.
         vertex_weight: λ_v.
         edge_weight: λ_e.
@@ -160,7 +161,7 @@ class GraphFlowLoss(nn.Module):
     def __init__(
         self,
         descriptor: str = "pooled",
-        grid_size: int | Sequence[int] = 4,
+        grid: int | Sequence[int] = 4,
         patch_size: int = 3,
         vertex_weight: float = 1.0,
         edge_weight: float = 1.0,
@@ -172,7 +173,7 @@ class GraphFlowLoss(nn.Module):
         if patch_size < 1:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         self.descriptor = descriptor
-        self.grid_size = grid_size
+        self.grid = grid
         self.patch_size = patch_size
         self.vertex_weight = vertex_weight
         self.edge_weight = edge_weight
@@ -240,7 +241,7 @@ class GraphFlowLoss(nn.Module):
                 f"GraphFlowLoss needs the same channel count in all four taps (vertices are channels), got {channels}; "
                 "align them upstream with paraphraser encoders (teacher) and translators (student)"
             )
-        size = self.grid_size if self.descriptor == "pooled" else self.patch_size
+        size = self.grid if self.descriptor == "pooled" else self.patch_size
         grid = clip_grid(size, *(x.shape[2:] for x in taps.values()))
         with autocast_off(student_shallow):
             v = {name: self.vertices(x, grid) for name, x in taps.items()}
@@ -262,7 +263,7 @@ class FeatureSimilarityDistillationLoss(nn.Module):
 
     - ``"cosine"`` (default): per position, the cosine over channels between E and D, a map (B, *S). If the student
       map's spatial size differs from the teacher's, it is resized (bi/trilinearly) to the teacher's size.
-    - ``"affinity"``: E and D are pooled to a common grid g (per dim ``min(grid_size, smallest size of the four
+    - ``"affinity"``: E and D are pooled to a common grid g (per dim ``min(grid, smallest size of the four
       features)``), each position's channel vector is L2-normalised, and the map is the cross affinity
       ``Êᵀ D̂`` (B, |g|, |g|) between encoder and decoder positions.
 
@@ -276,7 +277,7 @@ class FeatureSimilarityDistillationLoss(nn.Module):
 
     Args:
         mode: ``"cosine"`` or ``"affinity"``.
-        grid_size: pooling grid per spatial dim for ``"affinity"`` (int or one per dim).
+        grid: pooling grid per spatial dim for ``"affinity"`` (int or one per dim).
         eps: floor of the norms.
 
     Reference:
@@ -284,12 +285,12 @@ class FeatureSimilarityDistillationLoss(nn.Module):
         Distillation", 2022 (its FSD module; ASD is an adversarial term, see ``adversarial.py``).
     """
 
-    def __init__(self, mode: str = "cosine", grid_size: int | Sequence[int] = 16, eps: float = 1e-8) -> None:
+    def __init__(self, mode: str = "cosine", grid: int | Sequence[int] = 16, eps: float = 1e-8) -> None:
         super().__init__()
         if mode not in ("cosine", "affinity"):
             raise ValueError(f"mode must be 'cosine' or 'affinity', got {mode!r}")
         self.mode = mode
-        self.grid_size = grid_size
+        self.grid = grid
         self.eps = eps
 
     def similarity_map(self, encoder: torch.Tensor, decoder: torch.Tensor, grid: Sequence[int] | None = None):
@@ -332,10 +333,10 @@ class FeatureSimilarityDistillationLoss(nn.Module):
             teacher_encoder=teacher_encoder,
             teacher_decoder=teacher_decoder,
         )
-        grid = clip_grid(self.grid_size, *(x.shape[2:] for x in taps)) if self.mode == "affinity" else None
+        grid = clip_grid(self.grid, *(x.shape[2:] for x in taps)) if self.mode == "affinity" else None
         with autocast_off(student_encoder):
             m_s = self.similarity_map(student_encoder, student_decoder, grid)
             m_t = self.similarity_map(teacher_encoder, teacher_decoder, grid)
             if self.mode == "cosine":
-                m_s = interpolate_to(m_s, m_t.shape[2:])
+                m_s = match_spatial_size(m_s, m_t.shape[2:])
             return (m_t - m_s).pow(2).mean()

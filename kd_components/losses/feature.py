@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Conv
 from torch import nn
 
+from kd_components.adapters import match_spatial_size
+
 from ._grid import autocast_off, check_spatial
 
 __all__ = ["AttentionTransferLoss", "FactorTransferLoss", "FitNetLoss", "MGDLoss"]
-
-
-def interpolate_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(Bi/tri)linearly resize ``x`` (B, C, *S) to spatial ``size``; a no-op when the size already matches."""
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[2:]) == size:
-        return x
-    if len(size) != x.dim() - 2:
-        raise ValueError(f"cannot resize a tensor of shape {tuple(x.shape)} to spatial size {size}")
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
 class AttentionTransferLoss(nn.Module):
@@ -71,7 +60,7 @@ class AttentionTransferLoss(nn.Module):
         if check_spatial(student, "student") != check_spatial(teacher, "teacher") or len(student) != len(teacher):
             raise ValueError(f"incompatible shapes: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
         with autocast_off(student):
-            a_s = interpolate_to(self.attention(student), teacher.shape[2:])
+            a_s = match_spatial_size(self.attention(student), teacher.shape[2:])
             a_t = self.attention(teacher)
             q_s = F.normalize(a_s.flatten(1), dim=1, eps=self.eps)
             q_t = F.normalize(a_t.flatten(1), dim=1, eps=self.eps)

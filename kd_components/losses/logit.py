@@ -9,7 +9,7 @@ from torch import nn
 
 from kd_components.losses._grid import check_spatial
 
-__all__ = ["LogitKD", "PixelWiseKD", "ChannelWiseDistillation", "DIST"]
+__all__ = ["LogitKDLoss", "PixelWiseKDLoss", "ChannelWiseDistillationLoss", "DISTLoss"]
 
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -32,7 +32,7 @@ def class_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(z, dim=1)
 
 
-class LogitKD(nn.Module):
+class LogitKDLoss(nn.Module):
     """Hinton knowledge distillation applied per pixel / voxel.
 
     Formulation used here: ``tau^2 * mean over the B * |S| positions of KL(softmax(z_T / tau) || softmax(z_S / tau))``,
@@ -71,8 +71,8 @@ class LogitKD(nn.Module):
         return kl.mean() * self.temperature**2
 
 
-class PixelWiseKD(LogitKD):
-    """Structured KD pixel-wise distillation: :class:`LogitKD` with tau = 1.
+class PixelWiseKDLoss(LogitKDLoss):
+    """Structured KD pixel-wise distillation: :class:`LogitKDLoss` with tau = 1.
 
     Formulation used here: ``mean over pixels of KL(p_T || p_S)`` with p the class softmax (tau = 1, so the tau^2
     factor is 1). The paper weights it 10.
@@ -88,7 +88,7 @@ class PixelWiseKD(LogitKD):
         super().__init__(temperature=temperature)
 
 
-class ChannelWiseDistillation(nn.Module):
+class ChannelWiseDistillationLoss(nn.Module):
     """Channel-wise distillation (CWD): each channel's activation map, softmax-normalised over space, is matched.
 
     Formulation used here: for each sample b and channel c, ``q_c = softmax over all spatial positions of z_c / tau``;
@@ -133,7 +133,7 @@ def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Ten
     return 1.0 - F.cosine_similarity(a, b, dim=1, eps=eps).mean()
 
 
-class DIST(nn.Module):
+class DISTLoss(nn.Module):
     """DIST: distillation from a stronger teacher by Pearson correlation of class probabilities.
 
     Formulation used here: with ``P = softmax(z / tau)`` over classes arranged as a matrix of shape (B * |S|, K)

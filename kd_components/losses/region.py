@@ -191,7 +191,7 @@ def _coordinates(size: torch.Size | tuple[int, ...], device: torch.device) -> to
 class PositionInformationLoss(nn.Module):
     """IDD position information distillation: each channel should respond *where* the teacher's channel responds.
 
-    Formulation used here: every channel's energy ``|f_c(x)|^power`` is normalised into a spatial distribution
+    Formulation used here: every channel's energy ``|f_c(x)|^p`` is normalised into a spatial distribution
     ``q_c(x)``; its centroid ``mu_c = sum_x q_c(x) x`` in normalised pixel-centre coordinates ([-1, 1] per axis) is
     the channel's position code. The loss is ``sum over axes, mean over B and C of (mu^S_c - mu^T_c)^2``.
 
@@ -204,22 +204,22 @@ class PositionInformationLoss(nn.Module):
     ``align`` in the term).
 
     Args:
-        power: exponent p of the channel energy (2, as attention transfer).
+        p: exponent of the channel energy, ``p > 0`` (2, as attention transfer).
         eps: guards the normalisation of an all-zero channel (its centroid is then 0).
 
     Reference: Zhang et al., "Inter-class Distance Distillation for Semantic Segmentation", IJCAI 2022
     (arXiv:2205.03650).
     """
 
-    def __init__(self, power: float = 2.0, eps: float = 1e-12) -> None:
+    def __init__(self, p: float = 2.0, eps: float = 1e-12) -> None:
         super().__init__()
-        if power <= 0:
-            raise ValueError(f"power must be positive, got {power}")
-        self.power = float(power)
+        if p <= 0:
+            raise ValueError(f"p must be positive, got {p}")
+        self.p = float(p)
         self.eps = float(eps)
 
     def _centroids(self, feature: torch.Tensor) -> torch.Tensor:
-        energy = feature.float().flatten(2).abs().pow(self.power)  # (B, C, N)
+        energy = feature.float().flatten(2).abs().pow(self.p)  # (B, C, N)
         q = energy / energy.sum(-1, keepdim=True).clamp_min(self.eps)
         coords = _coordinates(feature.shape[2:], feature.device)  # (d, N)
         with autocast_off(q):

@@ -47,9 +47,9 @@ def _scale_positions(x: torch.Tensor, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------- CoCo cross-layer correlation
 
 COCO = {
-    "matmul": lambda: CrossLayerCorrelationLoss(grid_size=4),
-    "elementwise": lambda: CrossLayerCorrelationLoss(grid_size=4, product="elementwise"),
-    "max": lambda: CrossLayerCorrelationLoss(grid_size=4, pooling="max"),
+    "matmul": lambda: CrossLayerCorrelationLoss(grid=4),
+    "elementwise": lambda: CrossLayerCorrelationLoss(grid=4, product="elementwise"),
+    "max": lambda: CrossLayerCorrelationLoss(grid=4, pooling="max"),
 }
 
 
@@ -72,7 +72,7 @@ def test_coco_2d_3d_consistent(name: str) -> None:
 
 @pytest.mark.parametrize("product", ["matmul", "elementwise"])
 def test_coco_per_position_scale_invariance(product: str) -> None:
-    loss = CrossLayerCorrelationLoss(grid_size=4, product=product)
+    loss = CrossLayerCorrelationLoss(grid=4, product=product)
     inputs = _random(LAYER_KEYS, ((2, 4, 4, 4), (2, 6, 4, 4), (2, 5, 4, 4), (2, 3, 4, 4)))
     scaled = {key: _scale_positions(value, i) for i, (key, value) in enumerate(inputs.items())}
     assert torch.allclose(loss(**scaled), loss(**inputs), rtol=1e-5, atol=1e-7)
@@ -92,12 +92,12 @@ def test_coco_hand_computed() -> None:
 
 def test_coco_grid_and_autocast() -> None:
     inputs = _random(LAYER_KEYS, ((2, 4, 8, 8, 6), (2, 6, 4, 4, 4), (2, 5, 8, 8, 6), (2, 3, 4, 4, 4)))
-    loss = CrossLayerCorrelationLoss(grid_size=(4, 4, 2))
+    loss = CrossLayerCorrelationLoss(grid=(4, 4, 2))
     c = loss.correlation(inputs["student_shallow"], inputs["student_deep"], (4, 4, 2))
     assert c.shape == (2, 32, 32)
     assert torch.isfinite(loss(**inputs))
     with pytest.raises(ValueError):
-        CrossLayerCorrelationLoss(grid_size=(4, 4))(**inputs)
+        CrossLayerCorrelationLoss(grid=(4, 4))(**inputs)
     for dtype in DTYPES:
         assert_finite_under_autocast(lambda t: loss(**t), inputs, dtype)
 
@@ -105,7 +105,7 @@ def test_coco_grid_and_autocast() -> None:
 # ---------------------------------------------------------------- Graph Flow
 
 GRAPH = {
-    "pooled": lambda: GraphFlowLoss(grid_size=4),
+    "pooled": lambda: GraphFlowLoss(grid=4),
     "patch": lambda: GraphFlowLoss(descriptor="patch"),
 }
 
@@ -169,7 +169,7 @@ def test_graph_flow_channel_mismatch_and_autocast() -> None:
 
 FSD = {
     "cosine": lambda: FeatureSimilarityDistillationLoss(),
-    "affinity": lambda: FeatureSimilarityDistillationLoss(mode="affinity", grid_size=4),
+    "affinity": lambda: FeatureSimilarityDistillationLoss(mode="affinity", grid=4),
 }
 
 

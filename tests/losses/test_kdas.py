@@ -8,14 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_components.losses.kdas import (
-    KDASAttentionLoss,
-    KDASSGMLoss,
-    StructureLoss,
-    attention_kl_sum,
-    box_filter,
-    symmetrise,
-)
+from kd_components.losses.kdas import KDASAttentionLoss, KDASSGMLoss, attention_kl_sum, symmetrise
+from kd_components.losses.supervised import StructureLoss, box_filter
 from tests.helpers import (
     assert_2d_3d_consistent,
     assert_finite_under_autocast,

@@ -1,4 +1,4 @@
-"""Tests of the logit distillation losses: LogitKD, PixelWiseKD, ChannelWiseDistillation, DIST."""
+"""Tests of the logit distillation losses: LogitKDLoss, PixelWiseKDLoss, ChannelWiseDistillationLoss, DISTLoss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd_components.losses.logit import DIST, ChannelWiseDistillation, LogitKD, PixelWiseKD
+from kd_components.losses.logit import ChannelWiseDistillationLoss, DISTLoss, LogitKDLoss, PixelWiseKDLoss
 from tests.helpers import (
     assert_2d_3d_consistent,
     assert_finite_under_autocast,
@@ -17,10 +17,10 @@ from tests.helpers import (
 )
 
 LOSSES = {
-    "logit_kd": LogitKD,
-    "pixel_wise": PixelWiseKD,
-    "cwd": ChannelWiseDistillation,
-    "dist": DIST,
+    "logit_kd": LogitKDLoss,
+    "pixel_wise": PixelWiseKDLoss,
+    "cwd": ChannelWiseDistillationLoss,
+    "dist": DISTLoss,
 }
 
 
@@ -76,33 +76,33 @@ def test_logit_kd_hand_computed() -> None:
     expected = tau**2 * sum(_kl(_softmax(t, tau), _softmax(s, tau)) for s, t in zip(zs, zt)) / 2
     student = torch.tensor(zs).t().reshape(1, 3, 2)
     teacher = torch.tensor(zt).t().reshape(1, 3, 2)
-    assert LogitKD(temperature=tau)(student, teacher).item() == pytest.approx(expected, rel=1e-4)
+    assert LogitKDLoss(temperature=tau)(student, teacher).item() == pytest.approx(expected, rel=1e-4)
     expected_1 = sum(_kl(_softmax(t, 1.0), _softmax(s, 1.0)) for s, t in zip(zs, zt)) / 2
-    assert PixelWiseKD()(student, teacher).item() == pytest.approx(expected_1, rel=1e-5)
+    assert PixelWiseKDLoss()(student, teacher).item() == pytest.approx(expected_1, rel=1e-5)
 
 
 def test_one_channel_logits_are_binary_distributions() -> None:
     z = torch.randn(2, 1, 5, 5)
     t = torch.randn(2, 1, 5, 5)
     two_s, two_t = torch.cat([torch.zeros_like(z), z], 1), torch.cat([torch.zeros_like(t), t], 1)
-    for cls in (LogitKD, DIST):
+    for cls in (LogitKDLoss, DISTLoss):
         assert torch.allclose(cls()(z, t), cls()(two_s, two_t), rtol=1e-5, atol=1e-7)
 
 
 def test_pixel_wise_is_logit_kd_at_tau_one() -> None:
     inputs = _pair((2, 4, 5, 5))
-    assert isinstance(PixelWiseKD(), LogitKD) and PixelWiseKD().temperature == 1.0
-    assert torch.allclose(PixelWiseKD()(**inputs), LogitKD(temperature=1.0)(**inputs))
-    assert not torch.allclose(PixelWiseKD()(**inputs), LogitKD()(**inputs))
+    assert isinstance(PixelWiseKDLoss(), LogitKDLoss) and PixelWiseKDLoss().temperature == 1.0
+    assert torch.allclose(PixelWiseKDLoss()(**inputs), LogitKDLoss(temperature=1.0)(**inputs))
+    assert not torch.allclose(PixelWiseKDLoss()(**inputs), LogitKDLoss()(**inputs))
 
 
 def test_logit_kd_invariant_to_per_pixel_shift() -> None:
     inputs = _pair((2, 4, 5, 5))
     shift = torch.randn(2, 1, 5, 5) * 5
-    base = LogitKD()(**inputs)
-    assert torch.allclose(base, LogitKD()(inputs["student"] + shift, inputs["teacher"]), rtol=1e-4)
+    base = LogitKDLoss()(**inputs)
+    assert torch.allclose(base, LogitKDLoss()(inputs["student"] + shift, inputs["teacher"]), rtol=1e-4)
     # but not to a per-channel shift (the classes' relative scores change)
-    assert not torch.allclose(base, LogitKD()(inputs["student"] + torch.randn(1, 4, 1, 1), inputs["teacher"]))
+    assert not torch.allclose(base, LogitKDLoss()(inputs["student"] + torch.randn(1, 4, 1, 1), inputs["teacher"]))
 
 
 def test_cwd_hand_computed_and_channel_shift_invariance() -> None:
@@ -111,7 +111,7 @@ def test_cwd_hand_computed_and_channel_shift_invariance() -> None:
     tau = 4.0
     expected = tau**2 * sum(_kl(_softmax(t, tau), _softmax(s, tau)) for s, t in zip(zs, zt)) / 2
     student, teacher = torch.tensor([zs]).reshape(1, 2, 2, 2), torch.tensor([zt]).reshape(1, 2, 2, 2)
-    loss = ChannelWiseDistillation()
+    loss = ChannelWiseDistillationLoss()
     assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-4)
     inputs = _pair((2, 3, 6, 5))
     shift = torch.randn(2, 3, 1, 1) * 10
@@ -121,18 +121,20 @@ def test_cwd_hand_computed_and_channel_shift_invariance() -> None:
 
 def test_dist_affine_invariance_hand_computed() -> None:
     """A student whose probabilities are an affine mix of the teacher's with the uniform distribution has the same
-    Pearson relations: DIST is zero although the KL is not."""
+    Pearson relations: DISTLoss is zero although the KL is not."""
     teacher = torch.randn(2, 4, 6, 6) * 2
     p_t = torch.softmax(teacher, dim=1)
     student = torch.log(0.3 * p_t + 0.7 / 4)
-    assert DIST()(student, teacher).item() < 1e-5
-    assert LogitKD(temperature=1.0)(student, teacher).item() > 1e-2
+    assert DISTLoss()(student, teacher).item() < 1e-5
+    assert LogitKDLoss(temperature=1.0)(student, teacher).item() > 1e-2
     # hand-computed inter term: one pixel, three classes, intra term switched off
     ps, pt = [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]
     ms, mt = sum(ps) / 3, sum(pt) / 3
     cov = sum((a - ms) * (b - mt) for a, b in zip(ps, pt))
     corr = cov / math.sqrt(sum((a - ms) ** 2 for a in ps) * sum((b - mt) ** 2 for b in pt))
-    value = DIST(gamma=0.0)(torch.log(torch.tensor(ps)).reshape(1, 3, 1), torch.log(torch.tensor(pt)).reshape(1, 3, 1))
+    value = DISTLoss(gamma=0.0)(
+        torch.log(torch.tensor(ps)).reshape(1, 3, 1), torch.log(torch.tensor(pt)).reshape(1, 3, 1)
+    )
     assert value.item() == pytest.approx(1 - corr, rel=1e-5)
     assert value.item() > 1.5  # anti-correlated
 
@@ -140,13 +142,31 @@ def test_dist_affine_invariance_hand_computed() -> None:
 def test_dist_finite_for_uniform_pixels() -> None:
     """All-equal logits give a constant probability vector, whose correlation is undefined: must stay finite."""
     student = torch.zeros(1, 3, 4, 4, requires_grad=True)
-    value = DIST()(student, torch.randn(1, 3, 4, 4))
+    value = DISTLoss()(student, torch.randn(1, 3, 4, 4))
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(student.grad).all()
 
 
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
-        LogitKD()(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4))
+        LogitKDLoss()(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4))
     with pytest.raises(ValueError):
-        ChannelWiseDistillation()(torch.randn(1, 3, 4), torch.randn(1, 3, 4, 4))
+        ChannelWiseDistillationLoss()(torch.randn(1, 3, 4), torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("LogitKD", LogitKDLoss),
+        ("PixelWiseKD", PixelWiseKDLoss),
+        ("ChannelWiseDistillation", ChannelWiseDistillationLoss),
+        ("DIST", DISTLoss),
+    ],
+)
+def test_pre_rename_names_are_deprecated_aliases(old, new):
+    import kd_components.losses as losses
+
+    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use {new.__name__}"):
+        assert getattr(losses, old) is new
+    with pytest.raises(AttributeError):
+        losses.NoSuchLoss  # noqa: B018
