@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["DistillationTerm", "parse_source", "SOURCE_HELP"]
+__all__ = ["DistillationTerm", "loss_arguments", "parse_source", "SOURCE_HELP"]
 
 SOURCE_HELP = (
     "a source is 'student' or 'teacher' (the network output), 'student:<module name>' or "
@@ -35,6 +37,21 @@ def parse_source(source: str) -> tuple[str, str | None]:
     raise ValueError(f"unknown source {source!r}; {SOURCE_HELP}")
 
 
+def loss_arguments(loss: Callable[..., torch.Tensor]) -> tuple[list[str], list[str], bool] | None:
+    """The keyword arguments a loss takes: ``(all, required, takes **kwargs)``, or ``None`` if it cannot be read.
+
+    Read from the signature of ``loss.forward`` for a module and of ``loss`` itself for any other callable.
+    Positional-only parameters are left out: ``DistillationTerm`` passes every input by name.
+    """
+    try:
+        params = inspect.signature(loss.forward if isinstance(loss, nn.Module) else loss).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C extensions have no readable signature
+        return None
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in named if p.default is p.empty]
+    return [p.name for p in named], required, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 class DistillationTerm(nn.Module):
     """One weighted distillation loss and the tensors it reads.
 
@@ -54,7 +71,9 @@ class DistillationTerm(nn.Module):
         name: a short unique name; the engine output and MLflow report the term under it.
         loss: a module or callable returning a scalar; it is called as ``loss(**{arg: tensor})``.
         inputs: ``{argument name: source}``; see :func:`parse_source`. Default
-            ``{"student": "student", "teacher": "teacher"}`` (the two networks' outputs).
+            ``{"student": "student", "teacher": "teacher"}`` (the two networks' outputs). The names are checked
+            against the loss's ``forward`` (or call) signature here, when the term is built: an argument the loss
+            does not take, or a required one left out, raises at once (a loss taking ``**kwargs`` takes any name).
         weight: the term's weight in the total loss.
         schedule: optional callable ``(iteration, epoch) -> factor`` multiplying ``weight``, e.g.
             :class:`kd_components.schedules.LinearWarmup`.
@@ -87,18 +106,49 @@ class DistillationTerm(nn.Module):
         if not self.inputs:
             raise ValueError(f"term {name!r}: 'inputs' is empty; {SOURCE_HELP}")
         self.parsed = {arg: parse_source(src) for arg, src in self.inputs.items()}
+        accepts = self._check_arguments()
         self.weight = float(weight)
         self.schedule = schedule
         self.align: dict[str, str] = dict(align or {})
         for arg, ref in self.align.items():
             for key in (arg, ref):
                 if key not in self.inputs:
-                    raise ValueError(f"term {name!r}: align names {key!r}, which is not in inputs {list(self.inputs)}")
+                    raise ValueError(
+                        f"term {name!r}: align names {key!r}, which is not in inputs {list(self.inputs)}{accepts}"
+                    )
         self.transforms = nn.ModuleDict(dict(transforms or {}))
         for arg in self.transforms:
             if arg not in self.inputs:
-                raise ValueError(f"term {name!r}: transforms names {arg!r}, which is not in inputs {list(self.inputs)}")
+                raise ValueError(
+                    f"term {name!r}: transforms names {arg!r}, which is not in inputs {list(self.inputs)}{accepts}"
+                )
         self.adapters = nn.ModuleDict()
+
+    def _check_arguments(self) -> str:
+        """Check ``inputs`` against the loss's signature; return a note on what the loss accepts, for messages."""
+        signature = loss_arguments(self.loss)
+        if signature is None:
+            return ""
+        names, required, var_keyword = signature
+        if isinstance(self.loss, nn.Module):
+            loss_name = f"{type(self.loss).__qualname__}.forward"
+        else:
+            loss_name = getattr(self.loss, "__qualname__", None) or type(self.loss).__qualname__
+        accepts = f"{loss_name} accepts {names}" + (" and any other name (**kwargs)" if var_keyword else "")
+        if not var_keyword:
+            for arg in self.inputs:
+                if arg not in names:
+                    close = difflib.get_close_matches(arg, names, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(
+                        f"term {self.name!r}: inputs names {arg!r}{hint}, which the loss does not take; {accepts}"
+                    )
+        missing = [arg for arg in required if arg not in self.inputs]
+        if missing:
+            raise ValueError(
+                f"term {self.name!r}: inputs give no source for {missing}, which the loss needs: {accepts}"
+            )
+        return f"; {accepts}"
 
     def taps(self, kind: str) -> list[str]:
         """The tap names this term reads from ``kind`` (``"student"`` or ``"teacher"``)."""

@@ -33,8 +33,13 @@ def feature_term(name: str = "fitnet", student_tap: str = TAP, teacher_tap: str 
     )
 
 
+LOGITS = {"input": "student", "target": "teacher"}
+
+
 def test_duplicate_names_are_rejected():
-    terms = [DistillationTerm("kd", F.mse_loss), DistillationTerm("kd", F.l1_loss), DistillationTerm("x", F.l1_loss)]
+    terms = [
+        DistillationTerm(name, loss, LOGITS) for name, loss in [("kd", F.mse_loss), ("kd", F.l1_loss), ("x", F.l1_loss)]
+    ]
     with pytest.raises(ValueError, match=r"unique; repeated: \['kd'\]"):
         Distiller(terms)
 
@@ -53,7 +58,7 @@ def test_taps_are_deduplicated_in_order():
 
 
 def test_without_align_no_network_is_needed_and_nothing_is_trainable():
-    distiller = Distiller([DistillationTerm("kd", F.mse_loss)])
+    distiller = Distiller([DistillationTerm("kd", F.mse_loss, LOGITS)])
     assert list(distiller.parameters()) == []
 
 

@@ -9,7 +9,12 @@ from torch import nn
 
 from kd_components.adapters import FeatureAdapter
 from kd_components.schedules import LinearWarmup
-from kd_components.terms import SOURCE_HELP, DistillationTerm, parse_source
+from kd_components.terms import SOURCE_HELP, DistillationTerm, loss_arguments, parse_source
+
+
+def mse(student, teacher):
+    """A loss taking the default inputs' names."""
+    return F.mse_loss(student, teacher)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +52,7 @@ def test_parse_source_rejects_with_clear_message(source, message):
 
 
 def test_default_inputs_are_the_two_network_outputs():
-    term = DistillationTerm("kd", F.mse_loss)
+    term = DistillationTerm("kd", mse)
     assert term.inputs == {"student": "student", "teacher": "teacher"}
     assert term.uses("student") and term.uses("teacher") and not term.uses("label")
     assert term.taps("student") == [] and term.weight == 1.0
@@ -56,7 +61,7 @@ def test_default_inputs_are_the_two_network_outputs():
 def test_taps_and_uses_read_the_sources():
     term = DistillationTerm(
         "mix",
-        F.mse_loss,
+        lambda a, b, c, d: F.mse_loss(a, b),
         {"a": "student:model.0", "b": "teacher:model.1", "c": "label", "d": "student"},
     )
     assert term.taps("student") == ["model.0"]
@@ -70,24 +75,25 @@ def test_taps_and_uses_read_the_sources():
         ({"name": ""}, "non-empty string name"),
         ({"name": None}, "non-empty string name"),
         ({"inputs": {}}, "'inputs' is empty"),
-        ({"inputs": {"input": "student", "target": "techer"}}, "unknown source 'techer'"),
+        ({"inputs": {"student": "student", "teacher": "techer"}}, "unknown source 'techer'"),
         ({"align": {"input": "teacher"}}, "align names 'input', which is not in inputs"),
         ({"align": {"student": "target"}}, "align names 'target', which is not in inputs"),
         ({"transforms": {"target": nn.Identity()}}, "transforms names 'target', which is not in inputs"),
+        ({"transforms": {"target": nn.Identity()}}, "mse accepts ['student', 'teacher']"),
     ],
 )
 def test_invalid_term_settings_raise(kwargs, message):
-    settings = {"name": "kd", "loss": F.mse_loss, **kwargs}
+    settings = {"name": "kd", "loss": mse, **kwargs}
     with pytest.raises(ValueError) as info:
         DistillationTerm(**settings)
     assert message in str(info.value)
 
 
 def test_weight_at_without_and_with_schedule():
-    assert DistillationTerm("kd", F.mse_loss, weight=2.5).weight_at(1, 1) == 2.5
-    warm = DistillationTerm("kd", F.mse_loss, weight=2.0, schedule=LinearWarmup(4))
+    assert DistillationTerm("kd", mse, weight=2.5).weight_at(1, 1) == 2.5
+    warm = DistillationTerm("kd", mse, weight=2.0, schedule=LinearWarmup(4))
     assert [warm.weight_at(i, 1) for i in (1, 2, 3, 5, 50)] == pytest.approx([0.0, 0.5, 1.0, 2.0, 2.0])
-    by_epoch = DistillationTerm("kd", F.mse_loss, weight=3.0, schedule=LinearWarmup(2, unit="epoch", start=0.5))
+    by_epoch = DistillationTerm("kd", mse, weight=3.0, schedule=LinearWarmup(2, unit="epoch", start=0.5))
     assert [by_epoch.weight_at(100, e) for e in (1, 2, 3)] == pytest.approx([1.5, 2.25, 3.0])
 
 
@@ -142,7 +148,10 @@ def test_shape_mismatch_is_reraised_naming_term_sources_shapes_and_align():
 
 
 def test_loss_type_error_is_reraised_with_the_term_name():
-    term = DistillationTerm("bad", F.mse_loss, {"prediction": "student", "target": "teacher"})
+    # a **kwargs loss takes any input name at build time, so a wrong one still fails only when called
+    term = DistillationTerm(
+        "bad", lambda **kwargs: F.mse_loss(**kwargs), {"prediction": "student", "target": "teacher"}
+    )
     with pytest.raises(ValueError, match="distillation term 'bad'"):
         term({"student": torch.zeros(1, 1, 2, 2), "teacher": torch.zeros(1, 1, 2, 2)})
 
@@ -174,3 +183,70 @@ def test_term_registers_loss_transform_and_adapter_parameters():
         "adapters.student.proj.weight",
         "adapters.student.proj.bias",
     }
+
+
+class _Pair(nn.Module):
+    def forward(self, student, teacher, weight=None):
+        return F.mse_loss(student, teacher)
+
+
+def test_inputs_are_checked_against_the_loss_forward_when_built():
+    with pytest.raises(ValueError) as info:
+        DistillationTerm("fitnet", _Pair(), {"student": "student", "techer": "teacher"})
+    message = str(info.value)
+    for fragment in ("'fitnet'", "'techer'", "did you mean 'teacher'?", "_Pair.forward accepts", "'weight'"):
+        assert fragment in message
+
+
+def test_inputs_must_cover_the_required_arguments():
+    with pytest.raises(ValueError, match=r"'kd': inputs give no source for \['teacher'\].*_Pair.forward accepts"):
+        DistillationTerm("kd", _Pair(), {"student": "student", "weight": "label"})
+    with pytest.raises(ValueError, match=r"no source for \['input', 'target'\].*mse_loss accepts"):
+        DistillationTerm("kd", F.mse_loss, {"reduction": "label"})
+    with pytest.raises(ValueError, match=r"inputs names 'student', which the loss does not take; mse_loss accepts"):
+        DistillationTerm("kd", F.mse_loss)  # (input, target), not the default (student, teacher)
+
+
+def test_optional_keyword_only_and_var_keyword_arguments_are_accepted():
+    DistillationTerm("kd", _Pair(), {"student": "student", "teacher": "teacher", "weight": "label"})
+    DistillationTerm("kd", lambda student, *, teacher: (student - teacher).mean())
+    DistillationTerm("kd", lambda student, **extra: student.mean(), {"student": "student", "anything": "label"})
+
+
+def test_positional_only_arguments_cannot_be_named():
+    with pytest.raises(ValueError, match="inputs names 'student'"):
+        DistillationTerm("kd", lambda student, teacher, /: (student - teacher).mean())
+
+
+def test_loss_arguments_reads_modules_and_callables():
+    assert loss_arguments(_Pair()) == (["student", "teacher", "weight"], ["student", "teacher"], False)
+    assert loss_arguments(mse) == (["student", "teacher"], ["student", "teacher"], False)
+    assert loss_arguments(lambda **kwargs: 0)[2] is True
+
+
+def test_every_packaged_loss_takes_its_documented_input_names():
+    from kd_components import losses
+
+    assert loss_arguments(losses.LogitKDLoss())[:2] == (["student", "teacher"], ["student", "teacher"])
+    assert loss_arguments(losses.StructureLoss())[:2] == (["student", "label"], ["student", "label"])
+    with pytest.raises(ValueError, match="did you mean 'label'"):
+        DistillationTerm("sup", losses.StructureLoss(), {"student": "student", "labels": "label"})
+
+
+def test_a_misspelled_config_key_fails_when_the_term_is_parsed():
+    from monai.bundle import ConfigParser
+
+    term = {
+        "_target_": "kd_components.DistillationTerm",
+        "name": "logit_kd",
+        "loss": {"_target_": "kd_components.losses.LogitKDLoss"},
+        "inputs": {"student": "student", "teachers": "teacher"},
+    }
+    with pytest.raises(RuntimeError) as info:
+        ConfigParser({"term": term}).get_parsed_content("term")
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ValueError)
+    assert "'logit_kd': inputs names 'teachers' (did you mean 'teacher'?)" in str(cause)
+    assert "LogitKDLoss.forward accepts ['student', 'teacher']" in str(cause)

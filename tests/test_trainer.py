@@ -231,7 +231,7 @@ def test_adapters_missing_from_optimizer_are_rejected():
 
 def test_supervised_is_a_reserved_term_name():
     with pytest.raises(ValueError, match="'supervised' is reserved"):
-        build(terms=[DistillationTerm("supervised", F.mse_loss)])
+        build(terms=[DistillationTerm("supervised", F.mse_loss, {"input": "student", "target": "teacher"})])
 
 
 def test_distiller_must_be_a_distiller():

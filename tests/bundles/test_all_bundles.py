@@ -4,11 +4,13 @@ training, and the comparison runner's ids exist."""
 from __future__ import annotations
 
 import json
+import pydoc
 import re
 
 import pytest
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
+from kd_components.terms import loss_arguments
 from tests.bundles.conftest import BUNDLES, make_workflow, root_cause
 
 NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
@@ -77,3 +79,31 @@ def test_inference_without_weights_or_inputs_says_what_to_do(bundle, tmp_path):
     with pytest.raises(RuntimeError) as err:
         infer.initialize()
     assert re.search("no input (images|volumes).*--dataset_dir", str(root_cause(err.value)))
+
+
+def _terms(node):
+    """Every ``DistillationTerm`` dict in a config tree."""
+    if isinstance(node, dict):
+        if node.get("_target_") == "kd_components.DistillationTerm":
+            yield node
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            yield from _terms(child)
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_every_term_names_arguments_its_loss_takes(bundle):
+    """The check ``DistillationTerm`` makes when built, done on the config text of every file (no teacher needed)."""
+    checked = 0
+    for path in sorted((BUNDLES / bundle / "configs").rglob("*.json")):
+        for term in _terms(json.loads(path.read_text())):
+            loss = pydoc.locate(term["loss"]["_target_"])
+            names, required, var_keyword = loss_arguments(loss.forward if isinstance(loss, type) else loss)
+            names, required = [n for n in names if n != "self"], [n for n in required if n != "self"]
+            inputs = set(term.get("inputs", {"student": "student", "teacher": "teacher"}))
+            where = f"{path.relative_to(BUNDLES)} term {term['name']!r}"
+            assert var_keyword or inputs <= set(names), f"{where}: inputs {sorted(inputs)}, loss takes {names}"
+            assert set(required) <= inputs, f"{where}: inputs {sorted(inputs)}, loss needs {required}"
+            checked += 1
+    assert checked > 0
