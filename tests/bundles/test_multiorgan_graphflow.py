@@ -112,8 +112,10 @@ def test_networks_and_graph_flow_taps():
     stage at a quarter of the input size, of one width per network, which the paraphrasers map to the student's."""
     train = make_workflow(BUNDLE, ["train.json"]).parser
     infer = make_workflow(BUNDLE, ["inference.json"], workflow_type="infer").parser
-    for key in ("network_def", "image_size", "num_classes", "sw_batch_size"):
+    infer["settings_path"] = ""  # no trained settings: inference.json's defaults
+    for key in ("network_def", "num_classes", "sw_batch_size"):
         assert train.get(key) == infer.get(key), key
+    assert train.get_parsed_content("image_size") == infer.get_parsed_content("image_size")
     assert infer.get("inferer") == train.get("validate#inferer")
     teacher, student_net = train.get_parsed_content("teacher_def"), train.get_parsed_content("network_def")
     n_t = sum(p.numel() for p in teacher.parameters())
