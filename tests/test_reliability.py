@@ -323,7 +323,7 @@ def test_kill_9_then_resume_restores_the_state_and_finishes(polyp_data, tmp_path
 
     from tests.bundles.conftest import make_workflow
 
-    state_file = tmp_path / "model_resume.pt"
+    state_file = tmp_path / "resume" / "model_resume.pt"
     args = ["--dataset_dir", str(polyp_data), "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "eval"),
             "--epochs", "40", "--image_size", "[32,32]", "--batch_size", "4", "--num_workers", "0"]  # fmt: skip
     proc = subprocess.Popen(_bundle_cli(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -373,8 +373,8 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, parap
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
         "model.pt",
         "model_discriminator.pt",
-        "model_resume.pt",
         "model_settings.json",
+        "resume",
     ]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)

@@ -324,8 +324,8 @@ def test_torchrun_ddp_gloo_coco_leaves_model_and_discriminator(trained, tmp_path
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
         "discriminator.pt",
         "model.pt",
-        "model_resume.pt",
         "model_settings.json",
+        "resume",
     ]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]

@@ -264,7 +264,7 @@ def test_torchrun_ddp_gloo_leaves_one_checkpoint(teacher_run, tmp_path):
         batch_size=2,
         num_workers=0,
     )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model_resume.pt", "model_settings.json"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model_settings.json", "resume"]
     assert json.loads((ckpt_dir / "model_settings.json").read_text()) == {"image_size": [32, 32]}
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)

@@ -194,3 +194,15 @@ def test_inference_runs_as_a_workflow_with_recorded_size(tmp_path):
     assert seen == [(1, 3, 48, 64)]
     mask = Image.open(tmp_path / "out" / "a_seg.png")
     assert mask.size == (40, 30) and set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_retraining_keeps_the_size_of_the_model_it_replaces(bundle, tmp_path):
+    """train.json's default image size is the one recorded for ``ckpt_path`` (MONAI Label fine-tunes the served model,
+    whose config it has already parsed at that size), else the bundle's default; ``--image_size`` still wins."""
+    default = _parser(bundle, "train.json", ckpt_dir=str(tmp_path)).get_parsed_content("image_size")
+    assert default == _parser(bundle, ckpt_dir=str(tmp_path)).get_parsed_content("image_size")
+    write_trained_settings(tmp_path / "model.pt", {"image_size": [48, 64]})
+    assert _parser(bundle, "train.json", ckpt_dir=str(tmp_path)).get_parsed_content("image_size") == [48, 64]
+    override = _parser(bundle, "train.json", ckpt_dir=str(tmp_path), image_size=[32, 32])
+    assert override.get_parsed_content("image_size") == [32, 32]

@@ -348,8 +348,8 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_p
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
         "discriminator.pt",
         "model.pt",
-        "model_resume.pt",
         "model_settings.json",
+        "resume",
     ]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
