@@ -20,6 +20,7 @@ from kd_components.semisupervised import (
     PlaceholderLabeld,
     SemiSupervisedAdversarialDistillationTrainer,
     SemiSupervisedDistillationTrainer,
+    labelled_only,
     split_labelled,
 )
 from kd_components.terms import DistillationTerm
@@ -41,6 +42,20 @@ def test_split_is_seeded_and_keeps_the_fraction():
     assert sum(item["labelled"] for item in split_labelled(datalist, 0.01)) == 1
     with pytest.raises(ValueError, match="labelled_fraction"):
         split_labelled(datalist, 1.5)
+
+
+def test_labelled_only_takes_as_many_steps_as_the_whole_list():
+    datalist = split_labelled([{"image": f"img{i}.png", "label": f"seg{i}.png"} for i in range(10)], 0.3, seed=1)
+    kept = [item["image"] for item in datalist if item["labelled"]]
+    repeated = labelled_only(datalist)
+    assert len(repeated) == len(datalist)
+    assert [item["image"] for item in repeated] == [kept[i % len(kept)] for i in range(len(datalist))]
+    assert all(item["labelled"] and "label" in item for item in repeated)
+    assert [item["image"] for item in labelled_only(datalist, same_length=False)] == kept
+    repeated[0]["image"] = "changed.png"
+    assert repeated[len(kept)]["image"] == kept[0] and "changed.png" not in [i["image"] for i in datalist]
+    with pytest.raises(ValueError, match="labelled_fraction"):
+        labelled_only(split_labelled(datalist, 0.0))
 
 
 def test_placeholder_label_and_collated_mask():
