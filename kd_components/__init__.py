@@ -31,7 +31,7 @@ from kd_components.checkpoint import (
     check_writable_dir,
     save_state_dict,
 )
-from kd_components.checks import check_input, network_stride
+from kd_components.checks import check_input, network_stride, require_validation_data
 from kd_components.distiller import Distiller
 from kd_components.ensemble import EnsembleTeacher, load_ensemble_teacher
 from kd_components.handlers import BackupOnStart, FiniteLossGuard
@@ -111,6 +111,7 @@ __all__ = [
     "save_state_dict",
     "check_input",
     "network_stride",
+    "require_validation_data",
     "BackupOnStart",
     "FiniteLossGuard",
     "OverrideError",

@@ -11,7 +11,7 @@ from torch import nn
 
 from kd_components.taps import unwrap_network
 
-__all__ = ["network_stride", "check_input"]
+__all__ = ["network_stride", "check_input", "require_validation_data"]
 
 
 def network_stride(network: nn.Module) -> int:
@@ -84,4 +84,26 @@ def check_input(
             f"{channels_key} is {expected} but the images have {found} channel(s) (first training image: "
             f"{source}). To fix: pass --{channels_key} {found} (for every network of the bundle, teacher included), "
             "or prepare images with the expected channels."
+        )
+
+
+def require_validation_data(data: Sequence[Any] | None, what: str = "models/model.pt") -> None:
+    """Refuse to train without validation cases: the student is saved when its validation metric improves.
+
+    With no validation data the checkpoint saver never runs, so a run would end "successfully" without writing
+    ``what``. MONAI Label's ``/train/`` with ``val_split`` 0 (or too few labels for its split) does exactly that.
+
+    Args:
+        data: the validation datalist (``@validate#dataset#data``).
+        what: the file such a run would fail to write (named in the message).
+
+    Raises:
+        ValueError: when ``data`` is empty, naming the fix.
+    """
+    if data is None or len(data) == 0:
+        raise ValueError(
+            f"no validation data: the student is saved ({what}) when its validation metric improves, so this run "
+            "would never save it. To fix: give validation cases (from MONAI Label: label more images and set "
+            "val_split > 0 so at least one labelled image is held out; from the command line: a non-empty "
+            "'validation' section in datalist.json)."
         )

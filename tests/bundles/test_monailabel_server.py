@@ -201,15 +201,7 @@ def test_train_writes_a_new_model_that_infer_then_uses(server, tmp_path):
     old = _own_inference(server, ids[0], tmp_path / "old")
 
     params = {"max_epochs": 2, "val_split": 0.5, "device": "cpu", "multi_gpu": False, "pretrained": True}
-    r = requests.post(f"{server['url']}/train/{BUNDLE}", json=params, timeout=60)
-    assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 900
-    while True:
-        status = requests.get(f"{server['url']}/train/", timeout=30).json()
-        if status.get("status") in ("DONE", "ERROR"):
-            break
-        assert time.monotonic() < deadline, f"training still {status.get('status')} after 900 s"
-        time.sleep(5)
+    status = _train(server, params)
     assert status["status"] == "DONE", server["log"].read_text()[-4000:]
 
     assert _sha(models / "model.pt") != before  # a new student
@@ -221,3 +213,26 @@ def test_train_writes_a_new_model_that_infer_then_uses(server, tmp_path):
     assert not np.array_equal(old > 0, new > 0), "old and new students agree here: this image cannot tell them apart"
     served = _infer(server, ids[0])
     np.testing.assert_array_equal(served > 0, new > 0)  # /infer/ serves the retrained student
+
+
+def _train(server: dict, params: dict) -> dict:
+    r = requests.post(f"{server['url']}/train/{BUNDLE}", json=params, timeout=60)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 900
+    while True:
+        status = requests.get(f"{server['url']}/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            return status
+        assert time.monotonic() < deadline, f"training still {status.get('status')} after 900 s"
+        time.sleep(5)
+
+
+def test_train_without_validation_data_fails_and_keeps_the_model(server):
+    """val_split 0: no validation data, so the saver would never run; the run fails clearly instead of a silent DONE."""
+    models = server["bundle"] / "models"
+    before = _sha(models / "model.pt")
+    log_start = len(server["log"].read_text())
+    status = _train(server, {"max_epochs": 1, "val_split": 0.0, "device": "cpu", "multi_gpu": False})
+    assert status["status"] == "ERROR"
+    assert "no validation data" in server["log"].read_text()[log_start:]
+    assert _sha(models / "model.pt") == before

@@ -206,3 +206,24 @@ def test_retraining_keeps_the_size_of_the_model_it_replaces(bundle, tmp_path):
     assert _parser(bundle, "train.json", ckpt_dir=str(tmp_path)).get_parsed_content("image_size") == [48, 64]
     override = _parser(bundle, "train.json", ckpt_dir=str(tmp_path), image_size=[32, 32])
     assert override.get_parsed_content("image_size") == [32, 32]
+
+
+def test_training_without_validation_data_fails_clearly(tmp_path):
+    """MONAI Label's /train/ with val_split 0 sets ``validate#dataset#data`` to []: the saver (on validation) would
+    never run and the run would end "successfully" without a model; initialize refuses it, naming the fix."""
+    from kd_components import require_validation_data
+    from kd_components.data.synthetic import make_synthetic_polyps
+    from tests.bundles.conftest import root_cause
+
+    require_validation_data([{"image": "a.png"}])
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=6, size=(32, 32), seed=0, overwrite=True)
+    wf = make_workflow(
+        "polyp_kdas", ["train.json"], dataset_dir=str(data), ckpt_dir=str(tmp_path / "models"), image_size=[32, 32],
+        **{"validate#dataset#data": []},
+    )  # fmt: skip
+    with pytest.raises(RuntimeError) as err:
+        wf.initialize()
+    assert isinstance(root_cause(err.value), ValueError)
+    assert "no validation data" in str(root_cause(err.value)) and "val_split > 0" in str(root_cause(err.value))
+    assert not (tmp_path / "models" / "model.pt").exists()
