@@ -227,3 +227,18 @@ def test_training_without_validation_data_fails_clearly(tmp_path):
     assert isinstance(root_cause(err.value), ValueError)
     assert "no validation data" in str(root_cause(err.value)) and "val_split > 0" in str(root_cause(err.value))
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("bundle", [n for n in NAMES if (BUNDLES / n / "configs" / "train_paraphraser.json").is_file()])
+def test_paraphrasers_live_with_their_teacher(bundle, tmp_path):
+    """Paraphrasers default to the teacher's folder: in the default layout not ``models/*.pt`` (offered by MONAI
+    Label); with a flat ``<ckpt_dir>/teacher.pt`` beside them, as before."""
+    root = tmp_path / bundle
+    parser = _parser(bundle, "train.json", bundle_root=str(root))
+    assert Path(parser.get_parsed_content("paraphraser_dir")) == root / "models" / "teacher"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "teacher.pt").touch()
+    parser = _parser(bundle, "train.json", ckpt_dir=str(flat))
+    assert Path(parser.get_parsed_content("teacher_ckpt")) == flat / "teacher.pt"
+    assert Path(parser.get_parsed_content("paraphraser_dir")) == flat
