@@ -329,7 +329,9 @@ def test_semisupervised_split_by_patient_with_mlflow(teacher_run, paraphraser_ru
         BUNDLE, ["train.json", "methods/none.json", "labelled_only.json"], **{**over, "ckpt_dir": str(tmp_path / "b")}
     )
     data = baseline.parser.get_parsed_content("train#dataset").data
-    assert sorted(d["image"] for d in data) == sorted(item["image"] for item in split if item["labelled"])
+    labelled = {item["image"] for item in split if item["labelled"]}
+    assert {d["image"] for d in data} == labelled, "the baseline trains on the labelled slices only"
+    assert len(data) == len(split), "repeated to the whole list's length: as many steps per epoch"
     assert type(baseline.parser.get_parsed_content("train#trainer")).__name__ == "SupervisedTrainer"
 
 
