@@ -8,7 +8,7 @@ bundle's method), from the teacher's predictions on every training image. Both s
 optimizer steps (the labelled images are repeated to the length of the whole training list), with the same
 augmentations, epochs and seeds. The script prints the teacher, the student alone and the distilled student on
 the same test split, the difference with its 95 % paired bootstrap CI over test cases, and the fraction of the
-teacher-student gap that distillation closes. About five minutes on a 2-core CPU::
+teacher-student gap that distillation closes. About four minutes on a 2-core CPU (3 min 40 s measured)::
 
     python scripts/quickstart.py                        # writes outputs/quickstart/
     python scripts/quickstart.py --labelled_fraction 1  # every label: the student alone is then close to the teacher
