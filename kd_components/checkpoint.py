@@ -30,6 +30,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from kd_components.settings import write_trained_settings
+from kd_components.utils import non_finite_tensors
 
 __all__ = [
     "CheckpointWriteError",
@@ -83,17 +84,6 @@ def check_writable_dir(folder: str | os.PathLike, what: str = "checkpoint folder
     return folder
 
 
-def _non_finite(obj: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) checkpoint that hold NaN or Inf."""
-    if isinstance(obj, torch.Tensor):
-        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
-    if isinstance(obj, Mapping):
-        return [n for k, v in obj.items() for n in _non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(obj, (list, tuple)):
-        return [n for i, v in enumerate(obj) for n in _non_finite(v, f"{prefix}[{i}]")]
-    return []
-
-
 def atomic_save(obj: Any, path: str | os.PathLike, check_finite: bool = False) -> Path:
     """``torch.save(obj, path)`` that never leaves a partial file: temporary file, fsync, then ``os.replace``.
 
@@ -115,7 +105,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, check_finite: bool = False) -
     path = Path(path)
     folder = path.parent
     if check_finite:
-        bad = _non_finite(obj)
+        bad = non_finite_tensors(obj)
         if bad:
             raise FloatingPointError(
                 f"refusing to write {path}: {len(bad)} tensor(s) hold NaN/Inf ({', '.join(bad[:5])}); the previous "

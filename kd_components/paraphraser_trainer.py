@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from kd_components.modules.paraphraser import Paraphraser
 from kd_components.taps import FeatureTaps, unwrap_network
-from kd_components.utils import freeze, load_state_dict_file, require_file
+from kd_components.utils import freeze, load_state_dict_file, require_file, state_dict_mismatch
 
 __all__ = ["FrozenEncoder", "ParaphraserTrainer", "load_paraphraser_encoder", "reconstruction_l2"]
 
@@ -230,18 +230,10 @@ def load_paraphraser_encoder(
     """
     path = require_file(checkpoint, "paraphraser checkpoint", hint or PARAPHRASER_HINT)
     state = load_state_dict_file(path, "paraphraser checkpoint")
-    own = paraphraser.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
+    mismatch = state_dict_mismatch(paraphraser.state_dict(), state)
+    if mismatch:
         raise ValueError(
-            f"paraphraser checkpoint {path} does not fit this {type(paraphraser).__name__}: "
-            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}. "
+            f"paraphraser checkpoint {path} does not fit this {type(paraphraser).__name__}: {mismatch}. "
             "Build the paraphraser with the spatial_dims, in_channels and factor_channels of the pre-training stage."
         )
     paraphraser.load_state_dict(state)

@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,9 @@ __all__ = [
     "freeze",
     "load_state_dict_file",
     "load_teacher",
+    "non_finite_tensors",
     "require_file",
+    "state_dict_mismatch",
     "backup_existing",
     "wrap_ddp_if_trainable",
 ]
@@ -68,6 +71,44 @@ def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> Mapping[
     return state
 
 
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``expected``; ``""`` if nothing.
+
+    Args:
+        expected: the module's own ``state_dict()``.
+        state: the state dict read from a checkpoint.
+
+    Returns:
+        ``"missing keys [...], unexpected keys [...], shape mismatches [...]"`` (five of each at most), or ``""``.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or wrong):
+        return ""
+    return f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}"
+
+
+def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict or checkpoint that hold NaN or Inf.
+
+    Args:
+        obj: a tensor, or mappings / lists / tuples of them (other values are ignored).
+        prefix: the name of ``obj`` itself (nested names are joined with ``.`` and ``[i]``).
+    """
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, Mapping):
+        return [n for k, v in obj.items() for n in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in non_finite_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
 def require_file(path: str | Path, what: str, todo: str) -> Path:
     """Fail early, with what to do, when a file a run needs is missing.
 
@@ -114,21 +155,13 @@ def load_teacher(
     path = require_file(checkpoint, "teacher checkpoint", todo)
     if state is None:
         state = load_state_dict_file(path, "teacher checkpoint")
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
+    mismatch = state_dict_mismatch(network.state_dict(), state)
+    if mismatch:
         raise ValueError(
-            f"teacher checkpoint {path} does not fit {type(network).__name__}: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}. It was trained with another "
-            "architecture: make `teacher_def` the network the teacher-training stage used."
+            f"teacher checkpoint {path} does not fit {type(network).__name__}: {mismatch}. It was trained with "
+            "another architecture: make `teacher_def` the network the teacher-training stage used."
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_tensors(state)
     if bad:
         raise ValueError(
             f"teacher checkpoint {path} holds NaN/Inf weights ({len(bad)} tensors, e.g. {bad[:3]}): the teacher's "

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from kd_components.utils import non_finite_tensors, state_dict_mismatch
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 INCLUDED = ("LICENSE", "configs", "docs")
@@ -70,21 +72,13 @@ def check_student_weights(bundle_dir: Path, weights: Path) -> dict[str, torch.Te
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / "inference.json"))
     parser["bundle_root"] = str(bundle_dir)
-    own = parser.get_parsed_content("network_def").state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
+    mismatch = state_dict_mismatch(parser.get_parsed_content("network_def").state_dict(), state)
+    if mismatch:
         raise ValueError(
-            f"{weights} does not fit {bundle_dir.name}'s student (inference.json network_def): missing keys "
-            f"{missing[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}. Pass the student's "
-            "models/model.pt written by configs/train.json (not the teacher's)."
+            f"{weights} does not fit {bundle_dir.name}'s student (inference.json network_def): {mismatch}. Pass "
+            "the student's models/model.pt written by configs/train.json (not the teacher's)."
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_tensors(state)
     if bad:
         raise ValueError(f"{weights} holds NaN/Inf weights ({bad[:3]}): refusing to package a diverged student")
     return state
