@@ -138,6 +138,7 @@ __all__ = [
     "read_plan",
     "plan_jobs",
     "job_command",
+    "job_dir",
     "run_job",
     "collect",
     "run_comparison",
@@ -645,7 +646,8 @@ def _parse_job(plan: Mapping[str, Any], job: str) -> tuple[str, int | None]:
     return method, int(seed)
 
 
-def _run_dir(plan: Mapping[str, Any], job: str) -> Path:
+def job_dir(plan: Mapping[str, Any], job: str) -> Path:
+    """The folder of one job of a plan (``<out>/teacher`` or ``<out>/<method>/seed<k>``): its run, log and result."""
     method, seed = _parse_job(plan, job)
     out = Path(plan["out"])
     return out / TEACHER_JOB if seed is None else out / method / f"seed{seed}"
@@ -744,7 +746,7 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
     plan = read_plan(out)
     method, seed = _parse_job(plan, job)
     bundle = BUNDLES / plan["bundle"]
-    run_dir = _run_dir(plan, job)
+    run_dir = job_dir(plan, job)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking = _tracking(plan)
     if tracking:
@@ -1354,7 +1356,7 @@ def collect(out: str | Path, write: bool = True) -> dict[str, Any]:
     finished: dict[str, dict[str, Any]] = {}
     missing = []
     for job in plan_jobs(plan):
-        path = _run_dir(plan, job) / RESULT_FILE
+        path = job_dir(plan, job) / RESULT_FILE
         result = json.loads(path.read_text()) if path.is_file() else None
         if result is None or result.get("plan_id") != plan["plan_id"]:
             missing.append(job)

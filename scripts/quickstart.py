@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -31,11 +32,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import collect, make_plan, markdown_report, plan_jobs  # noqa: E402
+from compare_methods import (  # noqa: E402
+    RESULT_FILE,
+    collect,
+    job_command,
+    job_dir,
+    make_plan,
+    markdown_report,
+    plan_jobs,
+)
 
 from kd_components.data.common import DATALIST_NAME  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parent / "compare_methods.py"
 EPOCH_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
 STUDENT_ALONE = "none+labelled_only"
 DISTILLED = "kdas+semisupervised"
@@ -61,13 +69,14 @@ def prepare_data(out: Path, kvasir: str | None, n: int, size: Sequence[int], see
 class _Job:
     """One ``compare_methods.py --only_job`` process, its log file and the epoch lines already printed."""
 
-    def __init__(self, out: Path, job: str, log: Path, threads: int, epochs: int) -> None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.job, self.log, self.epochs, self.seen = job, log, epochs, 0
+    def __init__(self, plan: dict, job: str, threads: int, epochs: int) -> None:
+        self.run_dir = job_dir(plan, job)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.job, self.log, self.epochs, self.seen = job, self.run_dir / "log.txt", epochs, 0
         self.start = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        command = [sys.executable, str(SCRIPT), "--out", str(out), "--only_job", job, "--threads", str(threads)]
-        self.handle = log.open("w")
+        command = [sys.executable, *shlex.split(job_command(plan, job, threads))[1:]]
+        self.handle = self.log.open("w")
         self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT, env=env)
 
     def progress(self) -> None:
@@ -85,7 +94,7 @@ class _Job:
         if self.process.returncode != 0:
             tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise SystemExit(f"job {self.job} failed (exit {self.process.returncode}); end of {self.log}:\n{tail}")
-        result = json.loads((self.log.parent / "result.json").read_text())
+        result = json.loads((self.run_dir / RESULT_FILE).read_text())
         test = result["sets"]["test"]["mean_dice"]
         print(f"  {self.job:<24} done in {time.perf_counter() - self.start:.0f} s, test Dice {test:.4f}")
         return True
@@ -93,10 +102,9 @@ class _Job:
 
 def run_jobs(plan: dict, workers: int, teacher_epochs: int, epochs: int) -> None:
     """Run the teacher job with every core, then the students' jobs ``workers`` at a time, printing progress."""
-    out = Path(plan["out"])
     cores = os.cpu_count() or 1
     jobs = plan_jobs(plan)
-    teacher = _Job(out, jobs[0], out / "teacher" / "log.txt", cores, teacher_epochs)
+    teacher = _Job(plan, jobs[0], cores, teacher_epochs)
     print(f"[1/{len(jobs)}] training the teacher on every label ({teacher_epochs} epochs)")
     while not teacher.finished():
         teacher.progress()
@@ -111,7 +119,7 @@ def run_jobs(plan: dict, workers: int, teacher_epochs: int, epochs: int) -> None
             method, _, seed = job.rpartition(":")
             done += 1
             print(f"[{done}/{len(jobs)}] student {method}, seed {seed}")
-            running.append(_Job(out, job, out / method / f"seed{seed}" / "log.txt", threads, epochs))
+            running.append(_Job(plan, job, threads, epochs))
         time.sleep(1.0)
         for job in list(running):
             job.progress()
