@@ -129,3 +129,14 @@ def test_missing_method_is_skipped_and_unknown_bundle_needs_data() -> None:
     assert benchmark.make_paraphrasers(bundle, {}, Path("/nonexistent")) == []  # no paraphraser stage
     result = benchmark.benchmark_training(bundle, ["coco"], {}, torch.device("cpu"), 0, 1, 1)
     assert result["methods"] == {} and "no polyp_kdas/configs/methods/coco.json" in result["skipped"]["coco"]
+
+
+def test_paraphrasers_are_listed_explicitly(tmp_path) -> None:
+    """Every bundle with a paraphraser stage has its (network, checkpoint) ids in PARAPHRASERS; one without fails."""
+    staged = {p.parent.parent.name for p in benchmark.BUNDLES.glob("*/configs/train_paraphraser.json")}
+    assert staged == set(benchmark.PARAPHRASERS)
+    bundle = tmp_path / "new_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "train_paraphraser.json").write_text("{}")
+    with pytest.raises(ValueError, match="PARAPHRASERS"):
+        benchmark.make_paraphrasers(bundle, {}, tmp_path / "out")
