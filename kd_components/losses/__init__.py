@@ -16,6 +16,7 @@ from .affinity import PairWiseAffinityLoss as PairWiseAffinityLoss
 from .correlation import CrossLayerCorrelationLoss as CrossLayerCorrelationLoss
 from .correlation import FeatureSimilarityDistillationLoss as FeatureSimilarityDistillationLoss
 from .correlation import GraphFlowLoss as GraphFlowLoss
+from .cross_arch import StageSpaceLoss as StageSpaceLoss
 from .feature import AttentionTransferLoss as AttentionTransferLoss
 from .feature import FactorTransferLoss as FactorTransferLoss
 from .feature import FitNetLoss as FitNetLoss
