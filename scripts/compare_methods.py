@@ -114,6 +114,7 @@ if str(REPO) not in sys.path:  # kd_components, when the script runs from elsewh
     sys.path.insert(0, str(REPO))
 
 from kd_components import stats  # noqa: E402
+from kd_components.progress import format_duration  # noqa: E402
 
 BUNDLES = REPO / "bundles"
 PARAPHRASER_CONFIG = "train_paraphraser.json"
@@ -1400,6 +1401,8 @@ def run_comparison(
 ) -> dict[str, Any]:
     """Plan, run every job one after the other (teacher first), then collect.
 
+    Prints one line as each job starts and ends, with its time and the estimated time left.
+
     Args:
         bundle_name: a folder under ``bundles/``.
         methods: method names; see :func:`make_plan`.
@@ -1413,8 +1416,16 @@ def run_comparison(
         the content of ``results.json`` (see :func:`collect`).
     """
     plan = make_plan(bundle_name, methods, dataset_dir, out, **settings)
-    for job in plan_jobs(plan):
+    jobs = plan_jobs(plan)
+    start = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        job_start = time.perf_counter()
+        print(f"comparison job {i}/{len(jobs)}: {job} (into {job_dir(plan, job)})", flush=True)
         run_job(plan["out"], job, threads=threads)
+        now = time.perf_counter()
+        left = (now - start) / i * (len(jobs) - i)
+        eta = f", about {format_duration(left)} left" if i < len(jobs) else ""
+        print(f"comparison job {i}/{len(jobs)}: {job} finished in {format_duration(now - job_start)}{eta}", flush=True)
     return collect(plan["out"])
 
 

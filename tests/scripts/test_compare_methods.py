@@ -133,7 +133,9 @@ def bundle_with_paraphraser(tmp_path, monkeypatch) -> str:
     return "probe"
 
 
-def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_tracks(bundle_with_paraphraser, tmp_path):
+def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_tracks(
+    bundle_with_paraphraser, tmp_path, capsys
+):
     data = tmp_path / "data"
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     out = tmp_path / "out"
@@ -141,6 +143,11 @@ def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_track
     rows = compare_methods.compare(bundle_with_paraphraser, ["none", "needs_paraphraser"], data, out, **fast)
 
     assert [r["model"] for r in rows] == ["teacher", "student: none", "student: needs_paraphraser"]
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("comparison job")]
+    assert [line.split(":")[0] for line in progress] == [
+        "comparison job " + k for k in ("1/3", "1/3", "2/3", "2/3", "3/3", "3/3")
+    ]
+    assert "left" in progress[1] and "left" not in progress[-1]
     assert (out / "teacher" / "models" / "paraphraser_deep.pt").is_file()
     for row in rows:
         assert 0.0 <= row["mean_dice"] <= 1.0 and row["cases"] > 0 and row["params"] > 0
