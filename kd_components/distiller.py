@@ -23,7 +23,10 @@ class Distiller(nn.Module):
     once per step, and hands the outputs and taps to :meth:`forward`.
 
     Automatic adapters (a term's ``align``) need the channel counts of the tensors they connect. They are found
-    by one forward pass of each network on zeros of ``example_input_shape`` when the distiller is built.
+    by one forward pass of each network on zeros of ``example_input_shape`` when the distiller is built. The same
+    probe sizes a loss that needs its inputs' shapes (one whose ``needs_shapes`` is true, e.g.
+    :class:`~kd_components.losses.MGDLoss` built without channel counts): its ``build({argument: shape})`` is called
+    with the shape of every input that is a network output or a tap, so method configs never hard-code widths.
 
     Args:
         terms: the distillation terms; names must be unique.
@@ -45,7 +48,7 @@ class Distiller(nn.Module):
         if duplicates:
             raise ValueError(f"distillation term names must be unique; repeated: {duplicates}")
         self.terms = nn.ModuleList(terms)
-        if any(t.align for t in self.terms):
+        if any(t.align or _needs_shapes(t) for t in self.terms):
             self._build_adapters(student, teacher, example_input_shape)
 
     def taps(self, kind: str) -> list[str]:
@@ -61,14 +64,17 @@ class Distiller(nn.Module):
     ) -> None:
         if student is None or teacher is None or example_input_shape is None:
             raise ValueError(
-                "a distillation term uses 'align' (automatic adapters): give the Distiller `student`, `teacher` "
-                "and `example_input_shape` (e.g. [1, 3, 64, 64]) so it can find the channel counts to connect."
+                "a distillation term uses 'align' (automatic adapters) or a loss whose channels are probed: give the "
+                "Distiller `student`, `teacher` and `example_input_shape` (e.g. [1, 3, 64, 64]) so it can find the "
+                "channel counts to connect."
             )
         shapes = {
             **probe_shapes(student, "student", self.taps("student"), example_input_shape),
             **probe_shapes(teacher, "teacher", self.taps("teacher"), example_input_shape),
         }
         for term in self.terms:
+            if _needs_shapes(term):
+                term.loss.build({arg: shapes[src] for arg, src in term.inputs.items() if src in shapes})
             for arg, ref in term.align.items():
                 src, ref_src = term.inputs[arg], term.inputs[ref]
                 if src not in shapes or ref_src not in shapes:
@@ -96,6 +102,11 @@ class Distiller(nn.Module):
             ``{term name: scalar loss}``.
         """
         return {term.name: term(sources) for term in self.terms if names is None or term.name in names}
+
+
+def _needs_shapes(term: DistillationTerm) -> bool:
+    """Whether the term's loss waits for the probed shapes of its inputs (``loss.needs_shapes``)."""
+    return bool(getattr(term.loss, "needs_shapes", False))
 
 
 def probe_shapes(

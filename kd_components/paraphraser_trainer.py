@@ -60,7 +60,8 @@ class ParaphraserTrainer(SupervisedTrainer):
         network: the paraphraser, ``in_channels`` = the tap's channels (possibly wrapped in DDP).
         optimizer: the paraphraser's optimizer.
         teacher: the trained teacher; frozen here (eval mode, ``requires_grad=False``).
-        tap: the teacher submodule whose output is paraphrased (a name in ``teacher.named_modules()``).
+        tap: the teacher submodule whose output is paraphrased: a name in ``teacher.named_modules()``, or the same
+            as a term source ``"teacher:<name>"`` (e.g. a bundle's ``@taps#deep#teacher``).
         image_key: the batch key of the images.
         check_finite: stop with ``FloatingPointError`` when the reconstruction loss is NaN/Inf, before backward and
             the optimizer step (so diverged weights are never saved).
@@ -101,6 +102,10 @@ class ParaphraserTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.teacher = freeze(teacher)
+        kind, sep, name = tap.partition(":")
+        if sep and kind != "teacher":
+            raise ValueError(f"the paraphraser stage reads a teacher tap; got {tap!r} (use 'teacher:<module name>')")
+        tap = name if sep else tap
         self.tap = tap
         self.image_key = image_key
         self.teacher_taps = FeatureTaps(teacher, [tap], owner="teacher", active=False)

@@ -159,3 +159,29 @@ def test_parameters_hold_adapters_never_networks():
     assert own.isdisjoint(id(p) for p in student.parameters())
     assert own.isdisjoint(id(p) for p in teacher.parameters())
     assert not any(isinstance(m, UNet) for m in distiller.modules())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_mgd_without_channels_is_sized_by_the_probe(spatial_dims):
+    """A method config never hard-codes widths: MGD's channels and dimensions come from the probed taps."""
+    from kd_components.losses import MGDLoss
+
+    student, teacher, shape = nets(spatial_dims)
+    loss = MGDLoss(mask_ratio=0.5)
+    assert loss.needs_shapes and not list(loss.parameters())
+    inputs = {"student": f"student:{TAP}", "teacher": f"teacher:{TAP}"}
+    distiller = Distiller([DistillationTerm("mgd", loss, inputs)], student, teacher, shape)
+    assert not loss.needs_shapes
+    assert (loss.align.in_channels, loss.align.out_channels) == (8, 32)
+    assert loss.spatial_dims == spatial_dims and loss.generation[0].conv.in_channels == 32
+    assert {id(p) for p in loss.parameters()} <= {id(p) for p in distiller.parameters()}
+    x = torch.randn(2, *shape[1:])
+    with FeatureTaps(student, [TAP]) as s_taps, FeatureTaps(teacher, [TAP]) as t_taps:
+        student(x)
+        teacher(x)
+        value = distiller({inputs["student"]: s_taps[TAP], inputs["teacher"]: t_taps[TAP]})["mgd"]
+    assert value.dim() == 0 and torch.isfinite(value)
+    with pytest.raises(RuntimeError, match="no channel counts"):
+        MGDLoss()(torch.zeros(1, 8, 4, 4), torch.zeros(1, 32, 4, 4))
+    with pytest.raises(ValueError, match="or neither"):
+        MGDLoss(student_channels=8)

@@ -204,3 +204,18 @@ def test_factor_transfer_trains_translator_never_paraphraser(pretrained):
     assert not any(m.training for m in encoder.modules())
     changed = [k for k, v in translator.state_dict().items() if not torch.equal(v, translator_before[k])]
     assert len(changed) == len(translator_before), f"only {changed} of the translator learned"
+
+
+def test_tap_may_be_a_teacher_source_as_in_the_bundles_taps_section():
+    """``tap`` takes a bundle's ``@taps#<name>#teacher`` ("teacher:<module>") as well as a bare module name."""
+    teacher = teacher_net()
+    paraphraser = Paraphraser(2, 8, factor_channels=FACTOR)
+    common = dict(device="cpu", max_epochs=1, train_data_loader=DataLoader(data(2), batch_size=2), teacher=teacher)
+    trainer = ParaphraserTrainer(
+        network=paraphraser, optimizer=torch.optim.Adam(paraphraser.parameters()), tap=f"teacher:{TAP}", **common
+    )
+    assert trainer.tap == TAP
+    with pytest.raises(ValueError, match="reads a teacher tap"):
+        ParaphraserTrainer(
+            network=paraphraser, optimizer=torch.optim.Adam(paraphraser.parameters()), tap=f"student:{TAP}", **common
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
@@ -136,10 +138,15 @@ class MGDLoss(nn.Module):
     (0.65 for detection, 0.5 and 7e-5 for classification); with ``reduction="mean"`` the equivalent weight is
     α·C_t·|S_t|.
 
+    Channels: give ``student_channels`` and ``teacher_channels``, or leave them ``None`` in a distillation term and
+    the :class:`~kd_components.Distiller` probes the tapped features when it is built (as it sizes ``align``
+    adapters) and calls :meth:`build` with their shapes; the generator is created then, with the probed channels
+    and number of spatial dimensions.
+
     Args:
-        student_channels: student channels C_s.
-        teacher_channels: teacher channels C_t.
-        spatial_dims: 1, 2 or 3.
+        student_channels: student channels C_s; ``None``: probed by the distiller.
+        teacher_channels: teacher channels C_t; ``None``: probed by the distiller.
+        spatial_dims: 1, 2 or 3 (with probed channels: the probed features' number of spatial dimensions).
         mask_ratio: probability that a spatial position is masked, in [0, 1).
         reduction: ``"mean"`` (mean over all elements) or ``"sum"`` (sum over elements / batch size, as the paper).
         rng: optional ``torch.Generator`` for the mask; it must live on the features' device.
@@ -150,8 +157,8 @@ class MGDLoss(nn.Module):
 
     def __init__(
         self,
-        student_channels: int,
-        teacher_channels: int,
+        student_channels: int | None = None,
+        teacher_channels: int | None = None,
         spatial_dims: int = 2,
         mask_ratio: float = 0.75,
         reduction: str = "mean",
@@ -165,12 +172,35 @@ class MGDLoss(nn.Module):
         self.mask_ratio = mask_ratio
         self.reduction = reduction
         self.rng = rng
+        self.spatial_dims = spatial_dims
         self.align: nn.Module = nn.Identity()
+        self.generation: nn.Module | None = None
+        if student_channels is not None and teacher_channels is not None:
+            self._build_modules(student_channels, teacher_channels)
+        elif student_channels is not None or teacher_channels is not None:
+            raise ValueError("give both student_channels and teacher_channels, or neither (probed by the Distiller)")
+
+    @property
+    def needs_shapes(self) -> bool:
+        """Whether the channel counts are still unknown (the :class:`~kd_components.Distiller` probes them)."""
+        return self.generation is None
+
+    def build(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Create the adapter and the generator from the probed input shapes.
+
+        Args:
+            shapes: the shape of each input argument, e.g. ``{"student": (1, 32, 16, 16), "teacher": (1, 128, 16,
+                16)}``: C_s and C_t are the channels (dim 1), the spatial dimensions are the trailing ones.
+        """
+        self.spatial_dims = len(shapes["teacher"]) - 2
+        self._build_modules(int(shapes["student"][1]), int(shapes["teacher"][1]))
+
+    def _build_modules(self, student_channels: int, teacher_channels: int) -> None:
         if student_channels != teacher_channels:
-            self.align = Conv[Conv.CONV, spatial_dims](student_channels, teacher_channels, kernel_size=1)
+            self.align = Conv[Conv.CONV, self.spatial_dims](student_channels, teacher_channels, kernel_size=1)
         self.generation = nn.Sequential(
-            Convolution(spatial_dims, teacher_channels, teacher_channels, kernel_size=3, act="relu", norm=None),
-            Convolution(spatial_dims, teacher_channels, teacher_channels, kernel_size=3, conv_only=True),
+            Convolution(self.spatial_dims, teacher_channels, teacher_channels, kernel_size=3, act="relu", norm=None),
+            Convolution(self.spatial_dims, teacher_channels, teacher_channels, kernel_size=3, conv_only=True),
         )
 
     def random_mask(self, feature: torch.Tensor) -> torch.Tensor:
@@ -195,6 +225,11 @@ class MGDLoss(nn.Module):
         if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
             raise ValueError(
                 f"batch and spatial sizes differ: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
+            )
+        if self.generation is None:
+            raise RuntimeError(
+                "MGDLoss has no channel counts: give student_channels and teacher_channels, or use it in a "
+                "DistillationTerm of a Distiller built with student, teacher and example_input_shape (it probes them)"
             )
         aligned = self.align(student)
         generated = self.generation(aligned * self.random_mask(aligned))

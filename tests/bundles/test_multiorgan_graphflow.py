@@ -121,11 +121,11 @@ def test_networks_and_graph_flow_taps():
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student_net.parameters())
     assert n_s <= 0.1 * n_t, f"student has {n_s / n_t:.1%} of the teacher's parameters, the bundle promises <= 10%"
-    taps = train.get_parsed_content("graph_flow")
+    taps, graph_flow = train.get_parsed_content("taps"), train.get_parsed_content("graph_flow")
     for net, side, width in ((student_net, "student", 16), (teacher, "teacher", 64)):
-        shapes = {name: shape for name, _, shape in list_tap_candidates(net, (1, 1, 64, 64))}
-        assert shapes[taps[f"{side}_shallow"]] == shapes[taps[f"{side}_deep"]] == (1, width, 16, 16)
-        assert taps[f"{side}_channels"] == width
+        shapes = {f"{side}:{name}": shape for name, _, shape in list_tap_candidates(net, (1, 1, 64, 64))}
+        assert shapes[taps["shallow"][side]] == shapes[taps["deep"][side]] == (1, width, 16, 16)
+        assert graph_flow[f"{side}_channels"] == width
     paraphraser = train.get_parsed_content("paraphraser#shallow_def")
     assert (paraphraser.encoder[0].conv.in_channels, paraphraser.factor_channels) == (64, 16)
 

@@ -85,7 +85,7 @@ def trained(data_dir, tmp_path_factory) -> dict:
     wf = run_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], paraphraser_epochs=1, **over)
     for role, trainer_id in (("shallow", "train#trainer"), ("deep", "paraphraser_deep#trainer")):
         trainer = wf.parser.get_parsed_content(trainer_id)
-        assert trainer.tap == wf.parser.get_parsed_content(f"teacher_taps#{role}")
+        assert f"teacher:{trainer.tap}" == wf.parser.get_parsed_content(f"taps#{role}#teacher")
         assert trainer.state.epoch == 1 and np.isfinite(trainer.state.metrics["train_reconstruction"])
         assert (ckpt_dir / f"paraphraser_{role}.pt").is_file()
     assert not (ckpt_dir / "model.pt").exists()  # the paraphraser stage writes paraphrasers only
@@ -138,8 +138,8 @@ def test_paraphraser_widths_fit_the_tapped_layers():
     teacher, student = parser.get_parsed_content("teacher_def"), parser.get_parsed_content("network_def")
     t_out, s_out = {}, {}
     for role in ("shallow", "deep"):
-        t_mod = dict(teacher.named_modules())[parser.get(f"teacher_taps#{role}")]
-        s_mod = dict(student.named_modules())[parser.get(f"student_taps#{role}")]
+        t_mod = dict(teacher.named_modules())[parser.get(f"taps#{role}#teacher").removeprefix("teacher:")]
+        s_mod = dict(student.named_modules())[parser.get(f"taps#{role}#student").removeprefix("student:")]
         t_mod.register_forward_hook(lambda m, i, o, role=role: t_out.__setitem__(role, o))
         s_mod.register_forward_hook(lambda m, i, o, role=role: s_out.__setitem__(role, o))
     x = torch.rand(1, 3, 64, 64)
