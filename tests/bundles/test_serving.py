@@ -20,7 +20,7 @@ from kd_components.settings import read_trained_settings, trained_settings_path,
 from tests.bundles.conftest import BUNDLES, configs, make_workflow
 
 NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "inference.json").is_file())
-VOLUME_BUNDLES = ["multiorgan_graphflow"]
+VOLUME_BUNDLES = ["multiorgan_graphflow", "cardiac3d_swin"]
 IMAGE_BUNDLES = [n for n in NAMES if n not in VOLUME_BUNDLES]
 INFERENCE_PACKAGES = {"pytorch-ignite", "fire"}  # + torch and monai (pytorch_version, monai_version)
 

@@ -97,9 +97,13 @@ def test_helpers() -> None:
     assert not benchmark.is_distillation_trainer({"_target_": "SupervisedTrainer"})
 
 
+# 3D bundles: --quick and SYNTHETIC_DATA are 2D (32x32 images, NPY slices); benchmark them with --dataset_dir
+NOT_BENCHMARKED = {"cardiac3d_swin"}
+
+
 def test_every_bundle_is_covered() -> None:
-    assert set(benchmark.bundle_names()) == {"polyp_kdas", *OTHER_BUNDLES}
-    assert set(benchmark.SYNTHETIC_DATA) == set(benchmark.bundle_names())
+    assert set(benchmark.bundle_names()) - NOT_BENCHMARKED == {"polyp_kdas", *OTHER_BUNDLES}
+    assert set(benchmark.SYNTHETIC_DATA) == set(benchmark.bundle_names()) - NOT_BENCHMARKED
 
 
 @pytest.mark.parametrize("bundle", sorted(OTHER_BUNDLES))

@@ -35,11 +35,18 @@ def _weights(bundle: str, folder: Path, image_size: list[int] | None = None) -> 
     return folder / "model.pt"
 
 
+def _size(bundle: str, size: list[int]) -> list[int]:
+    """``size`` with a depth of 16 appended for a bundle whose student is 3D."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    return size + [16] * (int(parser["network_def"]["spatial_dims"]) - 2)
+
+
 @pytest.mark.parametrize("bundle", NAMES)
 def test_torchscript_equals_eager(bundle, tmp_path):
-    weights = _weights(bundle, tmp_path / "models", [32, 48])
+    weights = _weights(bundle, tmp_path / "models", _size(bundle, [32, 48]))
     report = export_student.export_student(bundle, weights, tmp_path / "out", formats=["torchscript"])
-    assert report["input_shape"][2:] == [32, 48]  # the recorded trained size
+    assert report["input_shape"][2:] == _size(bundle, [32, 48])  # the recorded trained size
     assert report["torchscript"]["ok"] and report["torchscript"]["max_abs_diff"] <= export_student.TS_ATOL
     net, shape = export_student.load_student(bundle, weights)
     scripted = torch.jit.load(str(tmp_path / "out" / "model.ts"))
@@ -57,11 +64,11 @@ def test_onnx_runtime_equals_eager_with_a_dynamic_batch(bundle, tmp_path):
     weights = _weights(bundle, tmp_path / "models")
     assert export_student.main(
         ["--bundle", bundle, "--weights", str(weights), "--out", str(tmp_path / "out"), "--formats", "onnx",
-         "--image_size", "32", "32"]
+         "--image_size", *map(str, _size(bundle, [32, 32]))]
     ) == 0  # fmt: skip
     report = json.loads((tmp_path / "out" / "export.json").read_text())
     assert report["onnx"]["ok"] and report["onnx"]["max_abs_diff"] <= export_student.ONNX_ATOL
-    net, shape = export_student.load_student(bundle, weights, [32, 32])
+    net, shape = export_student.load_student(bundle, weights, _size(bundle, [32, 32]))
     session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     x = torch.rand(5, *shape[1:])  # a batch size the export never saw
     (out,) = session.run(["pred"], {"image": x.numpy()})
