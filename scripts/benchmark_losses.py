@@ -11,7 +11,8 @@ Each loss runs on random student / teacher tensors in 2D (default 8 x 64 x 128^2
 * the adversarial term uses a SAGAN-style discriminator on the logits (generator term), and its discriminator
   step (WGAN-GP) is a separate row.
 
-Pairwise losses cost O(N^2) (O(N^3) for CoCo's matrix product) in the number N of grid positions, and a grid of g
+Pairwise losses cost O(N^2) (CoCo's matrix product: O(N·C^2) while its taps have C < N channels, else O(N^3))
+in the number N of grid positions, and a grid of g
 per dim gives N = g^3 in 3D. Where the estimated cost at the default grid exceeds ``--max_cost`` (entries of the
 pairwise matrices, or multiply-adds), the loss is not run there: the table says why and how much the default would
 cost, and the loss runs at the largest smaller grid (halving) under the budget instead; halving the grid divides
@@ -40,12 +41,13 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark import peak_memory_mib, summarize, synchronize  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python scripts/benchmark_losses.py` from anywhere
+    sys.path.insert(0, str(REPO))
 
 import kd_components.losses as losses  # noqa: E402
 from kd_components.modules import SelfAttentionDiscriminator  # noqa: E402
+from scripts.benchmarking.measure import peak_memory_mib, summarize, synchronize  # noqa: E402
 
 __all__ = ["LossSpec", "SPECS", "Shape", "make_inputs", "run_spec", "benchmark", "markdown_table", "main"]
 
@@ -113,6 +115,12 @@ def _pairwise(shape: Shape, grid: int) -> float:  # B * N^2 * C: the (N, N) simi
     return shape.batch * _grid_positions(grid, shape.spatial) ** 2 * shape.channels
 
 
+def _cross_layer(shape: Shape, grid: int) -> float:
+    """CoCo's matmul correlation: B·N·C² through channel×channel products while C < N, else B·N³ (N×N matrices)."""
+    n = _grid_positions(grid, [max(1, s // 2) for s in shape.spatial])
+    return shape.batch * (n * shape.channels**2 if shape.channels < n else n**3)
+
+
 SPECS: list[LossSpec] = [
     LossSpec("LogitKDLoss", lambda s, g: losses.LogitKDLoss(), "logits"),
     LossSpec("PixelWiseKDLoss", lambda s, g: losses.PixelWiseKDLoss(), "logits"),
@@ -134,6 +142,7 @@ SPECS: list[LossSpec] = [
     ),
     LossSpec("MGDLoss", lambda s, g: losses.MGDLoss(s.channels // 2, s.channels, s.dims), "adapter"),
     LossSpec("FactorTransferLoss", lambda s, g: losses.FactorTransferLoss(), "features"),
+    LossSpec("StageSpaceLoss (projected student)", lambda s, g: losses.StageSpaceLoss(), "features"),
     LossSpec(
         "PairWiseAffinityLoss",
         lambda s, g: losses.PairWiseAffinityLoss(**_kwargs_grid(g)),
@@ -155,8 +164,8 @@ SPECS: list[LossSpec] = [
         lambda s, g: losses.CrossLayerCorrelationLoss(**_kwargs_grid(g)),
         "four",
         default_grid=16,
-        cost=lambda s, g: s.batch * _grid_positions(g, [n // 2 for n in s.spatial]) ** 3,
-        complexity="B·N³ (matrix product of two N×N similarities)",
+        cost=_cross_layer,
+        complexity="B·N·C² (channel×channel products; B·N³ when C ≥ N)",
     ),
     LossSpec(
         "GraphFlowLoss",

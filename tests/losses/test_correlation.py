@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kd_components.losses import CrossLayerCorrelationLoss, FeatureSimilarityDistillationLoss, GraphFlowLoss
+from kd_components.losses._grid import clip_grid
 from tests.helpers import (
     assert_2d_3d_consistent,
     assert_finite_under_autocast,
@@ -100,6 +101,55 @@ def test_coco_grid_and_autocast() -> None:
         CrossLayerCorrelationLoss(grid=(4, 4))(**inputs)
     for dtype in DTYPES:
         assert_finite_under_autocast(lambda t: loss(**t), inputs, dtype)
+
+
+def _written_out(loss: CrossLayerCorrelationLoss, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss with the |g|×|g| correlations formed (the formulation before the factored matmul)."""
+    grid = clip_grid(loss.grid, *(x.shape[2:] for x in taps.values()))
+    c_s = loss.correlation(taps["student_shallow"], taps["student_deep"], grid)
+    c_t = loss.correlation(taps["teacher_shallow"], taps["teacher_deep"], grid)
+    return (c_t - c_s).pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "shapes, grid",
+    [
+        (((4, 8, 64, 64), (4, 32, 16, 16), (4, 8, 64, 64), (4, 32, 16, 16)), 16),  # CoCo's translated taps, 2D
+        (((2, 3, 16, 12, 8), (2, 5, 8, 6, 4), (2, 7, 16, 12, 8), (2, 2, 8, 6, 4)), (8, 6, 4)),  # 3D, 4 widths
+        (((3, 6, 20), (3, 4, 10), (3, 5, 20), (3, 3, 10)), 10),  # 1D
+    ],
+)
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_coco_factored_matmul_equals_written_out(shapes, grid, pooling: str) -> None:
+    """Taps narrower than |g| take the channel×channel path: same value and gradients as the |g|×|g| form."""
+    loss = CrossLayerCorrelationLoss(grid=grid, pooling=pooling)
+    taps = {k: v.requires_grad_(k.startswith("student")) for k, v in _random(LAYER_KEYS, shapes, seed=3).items()}
+    students = [taps["student_shallow"], taps["student_deep"]]
+    value = loss(**taps)
+    reference = _written_out(loss, taps)
+    assert value.dtype == torch.float32
+    assert torch.allclose(value, reference, rtol=1e-4, atol=1e-9)
+    for got, want in zip(torch.autograd.grad(value, students), torch.autograd.grad(reference, students)):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-6 * want.abs().max())
+
+
+def test_coco_factored_near_agreement() -> None:
+    """A student close to the teacher: the three Gram terms nearly cancel; float64 keeps the small difference."""
+    shapes = ((2, 4, 16, 16), (2, 6, 8, 8), (2, 4, 16, 16), (2, 6, 8, 8))
+    taps = _random(LAYER_KEYS, shapes, seed=4)
+    loss = CrossLayerCorrelationLoss(grid=8)
+    near = {**taps, "student_shallow": taps["teacher_shallow"] + 1e-3 * taps["student_shallow"]}
+    near["student_deep"] = taps["teacher_deep"] + 1e-3 * taps["student_deep"]
+    reference = _written_out(loss, near)
+    assert 0 < reference < 1e-5 and torch.allclose(loss(**near), reference, rtol=1e-3)
+
+
+def test_coco_wide_taps_use_the_written_out_form() -> None:
+    """Taps with at least |g| channels keep the |g|×|g| form (it is then the cheaper one)."""
+    shapes = ((2, 20, 8, 8), (2, 20, 4, 4), (2, 20, 8, 8), (2, 20, 4, 4))  # |g| = 16 ≤ 20 channels
+    taps = _random(LAYER_KEYS, shapes, seed=5)
+    loss = CrossLayerCorrelationLoss(grid=4)
+    assert torch.equal(loss(**taps), _written_out(loss, taps))
 
 
 # ---------------------------------------------------------------- Graph Flow
