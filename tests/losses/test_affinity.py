@@ -133,3 +133,35 @@ def test_affinities_stay_float32_under_autocast(name: str) -> None:
         low = loss(**inputs)
     assert low.dtype == torch.float32
     assert torch.allclose(low, loss(**inputs), rtol=1e-5)
+
+
+def _pairwise_written_out(loss: PairWiseAffinityLoss, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The loss with the N×N affinities formed (the formulation before the Gram form)."""
+    f_s, f_t = pooled_unit_features(student, teacher, loss.grid, loss.pooling)
+    return (f_t.transpose(1, 2) @ f_t - f_s.transpose(1, 2) @ f_s).pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "s_shape, t_channels, grid",
+    [((4, 16, 32, 32), 64, 16), ((2, 5, 12, 8, 8), 7, (6, 4, 4)), ((3, 4, 40), 6, 20), ((2, 8, 16, 16), 8, 4)],
+)
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_pairwise_gram_form_equals_written_out(s_shape, t_channels, grid, pooling: str) -> None:
+    """Features narrower than the N grid positions take the channel×channel path: the value and the student's
+    gradient equal the N×N form's, also when the student nearly equals the teacher (the Gram terms cancel)."""
+    inputs = _pair(s_shape, t_channels, seed=2)
+    student = inputs["student"].requires_grad_(True)
+    loss = PairWiseAffinityLoss(grid=grid, pooling=pooling)
+    value, reference = loss(student, inputs["teacher"]), _pairwise_written_out(loss, student, inputs["teacher"])
+    assert value.dtype == torch.float32 and torch.allclose(value, reference, rtol=1e-4, atol=1e-9)
+    (got,), (want,) = torch.autograd.grad(value, [student]), torch.autograd.grad(reference, [student])
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-6 * want.abs().max())
+    near = inputs["teacher"][:, : s_shape[1]] + 1e-3 * torch.randn(s_shape)
+    close = _pairwise_written_out(loss, near, inputs["teacher"])
+    assert torch.allclose(loss(near, inputs["teacher"]), close, rtol=1e-3, atol=1e-12)
+
+
+def test_pairwise_wide_features_use_the_written_out_form() -> None:
+    inputs = _pair((2, 20, 8, 8), 24)  # grid 4: N = 16 ≤ 20 channels
+    loss = PairWiseAffinityLoss(grid=4)
+    assert torch.equal(loss(**inputs), _pairwise_written_out(loss, inputs["student"], inputs["teacher"]))
