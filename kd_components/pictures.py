@@ -19,7 +19,7 @@ from ignite.engine import Engine, Events
 
 from kd_components.handlers import _scalars
 
-__all__ = ["LossCurves", "OverlaySaver", "log_artifacts_to_mlflow", "overlay_panels"]
+__all__ = ["LossCurves", "OverlaySaver", "log_artifacts_to_mlflow", "optional_teacher", "overlay_panels"]
 
 logger = logging.getLogger(__name__)
 
@@ -249,18 +249,42 @@ def overlay_panels(
     return path
 
 
+def optional_teacher(
+    network: torch.nn.Module, checkpoint: str | Path, device: str | torch.device | None = None
+) -> torch.nn.Module | None:
+    """The trained teacher for the overlays' teacher panel, or None (with a log line) when its file is absent.
+
+    A downloaded bundle holds the student only; its evaluation still draws image, ground truth and student.
+
+    Args:
+        network: the teacher architecture (the bundle's ``teacher_def``).
+        checkpoint: the teacher's state-dict file.
+        device: where to run it.
+    """
+    from kd_components.utils import load_teacher
+
+    if not Path(checkpoint).is_file():
+        logger.info("no teacher at %s: the overlays show the ground truth and the model only", checkpoint)
+        return None
+    return load_teacher(network, checkpoint, device)
+
+
 class OverlaySaver:
     """At evaluation, draw the first ``num_cases`` cases: image, ground truth, teacher (optional) and the model.
 
     Reads the evaluator's decollated output (``"image"``, ``"label"``, ``"pred"`` after post-processing; the
-    prediction may be inverted to the label's size) and, when ``teacher`` is given, runs it on the same
+    prediction may be inverted to the label's size) and, when a teacher is given, runs it on the same
     pre-processed batch (``engine.state.batch["image"]``) with ``inferer``. Writes
     ``<output_dir>/overlays/<case>.png`` and logs them to MLflow at the end when an ``MLFlowHandler`` is attached.
 
     Args:
         output_dir: the folder whose ``overlays/`` subfolder receives the PNGs.
         num_cases: how many cases to draw.
-        teacher: a teacher network to draw beside the model, or None.
+        teacher: the teacher network (trained, or its architecture when ``teacher_checkpoint`` is given), or None.
+        teacher_checkpoint: the teacher's weights, loaded into ``teacher`` when the evaluation starts; a missing file
+            drops the teacher panel (a downloaded bundle has the student only).
+        network: the evaluated network; when it is ``teacher`` itself (evaluating the teacher), the teacher panel is
+            dropped and the model panel is called "teacher".
         inferer: how to run the teacher (a MONAI inferer, e.g. ``SlidingWindowInferer``); None calls it directly.
         model_name: the model panel's title.
     """
@@ -270,12 +294,17 @@ class OverlaySaver:
         output_dir: str | Path,
         num_cases: int = 4,
         teacher: torch.nn.Module | None = None,
+        teacher_checkpoint: str | Path | None = None,
+        network: torch.nn.Module | None = None,
         inferer: Any | None = None,
         model_name: str = "student",
     ) -> None:
         self.output_dir = Path(output_dir) / "overlays"
         self.num_cases = num_cases
+        if teacher is not None and network is not None and teacher is network:
+            teacher, teacher_checkpoint, model_name = None, None, "teacher"
         self.teacher = teacher
+        self.teacher_checkpoint = teacher_checkpoint
         self.inferer = inferer
         self.model_name = model_name
         self.written: list[Path] = []
@@ -294,13 +323,22 @@ class OverlaySaver:
     def _started(self, engine: Engine) -> None:
         self.written = []
         self._run_ids = _remember_runs(engine)
+        if self.teacher is not None and self.teacher_checkpoint is not None:
+            self.teacher = optional_teacher(self.teacher, self.teacher_checkpoint, engine.state.device)
+            self.teacher_checkpoint = None
 
     @torch.no_grad()
     def _teacher_predictions(self, engine: Engine) -> list[torch.Tensor] | None:
         if self.teacher is None:
             return None
-        batch = engine.state.batch
-        images = (batch["image"] if isinstance(batch, dict) else batch[0]).to(engine.state.device)
+        batch = engine.state.batch  # a dict, or a list of per-case dicts once MONAI has decollated it
+        if isinstance(batch, dict):
+            images = batch["image"]
+        elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict):
+            images = torch.stack([torch.as_tensor(item["image"]) for item in batch])
+        else:
+            images = batch[0]
+        images = torch.as_tensor(images).to(engine.state.device)
         was_training = self.teacher.training
         self.teacher.eval()
         logits = self.inferer(images, self.teacher) if self.inferer is not None else self.teacher(images)

@@ -177,6 +177,7 @@ def test_distill_evaluate_infer_export(teacher_run, paraphraser_run, data_dir, t
         rows = list(csv.reader((tmp_path / "models" / "eval" / name).open()))
         assert rows[0] == ["filename", "class0", "class1", "class2", "mean"], name
         assert sorted(Path(r[0]).name for r in rows[1:]) == sorted(Path(c["image"]).name for c in test_cases)
+    assert len(list((tmp_path / "models" / "eval" / "overlays").glob("*.png"))) == min(4, len(test_cases))
 
     # inference: NIfTI label volumes of each input's shape and affine
     out = tmp_path / "masks"
@@ -315,7 +316,8 @@ def test_semisupervised_split_by_patient_with_mlflow(teacher_run, paraphraser_ru
     wf.run()
     wf.finalize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert type(trainer).__name__ == "SemiSupervisedAdversarialDistillationTrainer"
+    assert type(trainer).__name__ == "DistillationTrainer" and trainer.semi_supervised
+    assert trainer.adversarial is not None
     fraction = sum(item["labelled"] for item in split) / len(split)
     assert trainer.state.metrics["train_labelled_fraction"] == pytest.approx(fraction)
     assert np.isfinite(trainer.state.metrics["train_graph_flow"])
@@ -332,7 +334,9 @@ def test_semisupervised_split_by_patient_with_mlflow(teacher_run, paraphraser_ru
     labelled = {item["image"] for item in split if item["labelled"]}
     assert {d["image"] for d in data} == labelled, "the baseline trains on the labelled slices only"
     assert len(data) == len(split), "repeated to the whole list's length: as many steps per epoch"
-    assert type(baseline.parser.get_parsed_content("train#trainer")).__name__ == "SupervisedTrainer"
+    trainer = baseline.parser.get_parsed_content("train#trainer")  # the same trainer, no terms and no teacher
+    assert type(trainer).__name__ == "DistillationTrainer" and trainer.teacher is None
+    assert trainer.distillation_settings()["kd.terms"] == "" and trainer.discriminators is None
 
 
 METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))

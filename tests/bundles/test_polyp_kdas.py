@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ckpt_export
 from PIL import Image
 
-from kd_components import AdversarialDistillationTrainer, TapNotFoundError
+from kd_components import DistillationTrainer, TapNotFoundError
 from kd_components.data.common import DatasetError
 from kd_components.data.polyp import prepare_polyp_data
 from kd_components.data.synthetic import make_synthetic_polyps
@@ -87,6 +87,8 @@ def test_distill_evaluate_infer_export(teacher_run, tmp_path):
     assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and 0.0 <= metrics["val_mean_iou"] <= 1.0
     per_case = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()
     assert len(per_case) == 1 + 2  # header + the test split of 20 images (10%)
+    overlays = sorted((tmp_path / "eval" / "overlays").glob("*.png"))  # image, truth, teacher, student per case
+    assert len(overlays) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in overlays)
 
     out = tmp_path / "masks"
     run_workflow(
@@ -211,8 +213,8 @@ def test_structured_kd_holistic_trains_the_discriminator_not_the_teacher(teacher
     wf = make_workflow(BUNDLE, ["train.json", "methods/structured_kd_holistic.json"], **over)
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert isinstance(trainer, AdversarialDistillationTrainer)
-    bank = wf.parser.get_parsed_content("discriminators")
+    assert isinstance(trainer, DistillationTrainer) and trainer.adversarial is not None
+    bank = trainer.discriminators
     assert list(bank) == ["holistic"] and type(bank["holistic"]).__name__ == "SelfAttentionDiscriminator"
     assert bank["holistic"].features[0].in_channels == 3 + 2  # (image, score map)
     teacher = wf.parser.get_parsed_content("teacher")
