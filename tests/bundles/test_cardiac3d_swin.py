@@ -164,6 +164,7 @@ def test_distill_evaluate_infer_export(teacher_run, data_dir, tmp_path):
         rows = list(csv.reader((tmp_path / "models" / "eval" / name).open()))
         assert rows[0] == ["filename", "class0", "class1", "class2", "mean"], name
         assert sorted(Path(r[0]).name for r in rows[1:]) == sorted(Path(c["image"]).name for c in test_cases)
+    assert len(list((tmp_path / "models" / "eval" / "overlays").glob("*.png"))) == min(4, len(test_cases))
 
     # inference (MONAI only): NIfTI label volumes of each input's shape and affine, at the recorded patch size
     out = tmp_path / "masks"
