@@ -72,6 +72,7 @@ __all__ = [
     "peer_criterion",
     "build_peer_box",
     "peer_step",
+    "operator_profile",
     "same_step",
     "benchmark_peer",
     "markdown_report",
@@ -109,8 +110,9 @@ def peer_criterion(trainer: Any, method: str, pixels: int) -> dict[str, Any]:
     """
     from torchdistill.losses.mid_level import SimpleLossWrapper
 
+    # the supervised loss: ``supervised_loss`` where the trainer wraps ``loss_function``, else ``loss_function``
     supervised = SimpleLossWrapper(
-        trainer.supervised_loss,
+        getattr(trainer, "supervised_loss", None) or trainer.loss_function,
         input={"is_from_teacher": False, "module_path": ".", "io": "output"},
         target={"uses_label": True},
     )
@@ -185,6 +187,16 @@ def build_peer_box(trainer: Any, method: str, pixels: int, device: torch.device)
     return box
 
 
+def operator_profile(fn: Any, steps: int, rows: int = 12) -> str:
+    """The ``torch.profiler`` operator table (top ``rows`` by self CPU time) of ``steps`` calls of ``fn``."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def _tensor(x: Any, device: torch.device) -> torch.Tensor:
     return (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device)
 
@@ -231,6 +243,7 @@ def benchmark_peer(
     repeats: int,
     device: torch.device,
     work: Path,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Ours / theirs per method on the ``polyp_kdas`` bundle (see the module docstring).
 
@@ -242,6 +255,8 @@ def benchmark_peer(
         repeats: timed rounds.
         device: where both run (AMP off on CPU, the bundle's on CUDA for ours; theirs without autocast).
         work: a temporary folder (synthetic data, the random teacher's checkpoint).
+        profile: also profile two steps of ours and theirs per method (``torch.profiler``; the operator table is
+            in the result under ``"profiles"``).
     """
     bundle = BUNDLES / BUNDLE
     configs = bundle / "configs"
@@ -296,6 +311,7 @@ def benchmark_peer(
     timings = time_interleaved(calls, warmup, repeats, device)
     synchronize(device)
     peaks = {name: peak_memory_mib(fn, device) for name, fn in calls.items()}
+    profiles = {name: operator_profile(fn, 2) for name, fn in calls.items() if ":" in name} if profile else {}
     a, b = timings["student_step"]["samples_ms"], timings["teacher_forward"]["samples_ms"]
     result: dict[str, Any] = {
         "bundle": BUNDLE,
@@ -306,6 +322,7 @@ def benchmark_peer(
             "teacher_forward_ms": timings["teacher_forward"]["median_ms"],
         },
         "methods": {},
+        "profiles": profiles,
     }
     for method in methods:
         ours, theirs = timings[f"ours:{method}"], timings[f"theirs:{method}"]
@@ -369,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="glibc: keep freed memory in the process (mallopt), avoiding page faults on every large allocation",
     )
     parser.add_argument("--out", default=None, help="folder for benchmark_peer.json / .md (default: print only)")
+    parser.add_argument("--profile", action="store_true", help="print the operator profile of two steps of each")
     parser.add_argument("--quick", action="store_true", help="tiny setting: 32x32, batch 2, 3 repeats (tests)")
     return parser
 
@@ -394,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="kd_benchmark_peer_") as work:
         result = benchmark_peer(
-            args.methods, args.image_size, args.batch_size, args.warmup, args.repeats, device, Path(work)
+            args.methods, args.image_size, args.batch_size, args.warmup, args.repeats, device, Path(work), args.profile
         )
     result["torchdistill"] = version
     result["command"] = "python scripts/benchmark_peer.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -405,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keep_freed_memory": kept,
     }
     report = markdown_report(result)
+    for name, table in result["profiles"].items():
+        print(f"operator profile, two steps of {name}:\n{table}")
     print(report)
     if args.out:
         out = Path(args.out)
