@@ -177,6 +177,8 @@ class DISTLoss(nn.Module):
         """
         _check_pair(student, teacher)
         teacher = teacher.detach()
+        if student.shape[1] <= 2:
+            return self._two_class(student, teacher)
         p_s = class_log_probs(student, self.temperature).exp()
         p_t = class_log_probs(teacher, self.temperature).exp()
         num_classes = p_s.shape[1]
@@ -184,4 +186,26 @@ class DISTLoss(nn.Module):
         p_t = p_t.movedim(1, -1).reshape(-1, num_classes)
         inter = _pearson_distance(p_s, p_t, self.eps)
         intra = _pearson_distance(p_s.t(), p_t.t(), self.eps)
+        return self.temperature**2 * (self.beta * inter + self.gamma * intra)
+
+    def _two_class(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The same loss for one- or two-channel logits ``(B, K, *S)``, from the foreground probability alone.
+
+        With ``p = P[:, 1]`` (``P[:, 0] = 1 - p``) the centred class vector of a pixel is ``(-d, d)``, ``d = p - 1/2``:
+        its Pearson correlation is ``2 d_S d_T / (max(√2|d_S|, eps) · max(√2|d_T|, eps))`` (±1, computed without
+        gradient: it has none), and both classes' correlations over pixels equal ``Pearson(p_S, p_T)``. One pass
+        over ``(B, *S)`` instead of the ``(B·|S|, K)`` copies; equal to the general formula (tested, also its
+        gradient, which here has no rounding noise from the per-pixel term near ``p = 1/2``).
+        """
+
+        def foreground(logits: torch.Tensor) -> torch.Tensor:
+            z = logits.float() / self.temperature
+            return torch.sigmoid(z[:, 0] if z.shape[1] == 1 else z[:, 1] - z[:, 0])
+
+        p_s, p_t = foreground(student), foreground(teacher)
+        with torch.no_grad():
+            d_s, d_t = p_s - 0.5, p_t - 0.5
+            norms = (2.0**0.5 * d_s.abs()).clamp_min(self.eps) * (2.0**0.5 * d_t.abs()).clamp_min(self.eps)
+            inter = 1.0 - (2 * d_s * d_t / norms).mean()
+        intra = _pearson_distance(p_s.reshape(1, -1), p_t.reshape(1, -1), self.eps)
         return self.temperature**2 * (self.beta * inter + self.gamma * intra)

@@ -147,6 +147,39 @@ def test_dist_finite_for_uniform_pixels() -> None:
     assert torch.isfinite(value) and torch.isfinite(student.grad).all()
 
 
+def _dist_general_float64(student: torch.Tensor, teacher: torch.Tensor, tau: float, eps: float = 1e-8):
+    """DIST by its general formula (``(B·|S|, K)`` rows, every class), in float64."""
+    z_s, z_t = student.double() / tau, teacher.double() / tau
+    if z_s.shape[1] == 1:
+        z_s, z_t = torch.cat([-z_s, z_s], 1) / 2, torch.cat([-z_t, z_t], 1) / 2  # softmax = [σ(-z), σ(z)]
+    p_s = torch.softmax(z_s, 1).movedim(1, -1).reshape(-1, 2)
+    p_t = torch.softmax(z_t, 1).movedim(1, -1).reshape(-1, 2)
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return 1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=eps).mean()
+
+    return tau**2 * (distance(p_s, p_t) + distance(p_s.t(), p_t.t()))
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_dist_two_classes_equal_general_formula(channels: int, tau: float) -> None:
+    """One or two channels use the foreground probability alone: value and gradient equal to the general
+    (K-class) formula computed in float64 (the general formula in float32 has a gradient with rounding noise from
+    the per-pixel term near p = 1/2, 1e-5 to 1e-3 of its norm; the two-class path has none)."""
+    g = torch.Generator().manual_seed(channels)
+    student = (2 * torch.randn(3, channels, 24, 20, generator=g)).requires_grad_(True)
+    teacher = 2 * torch.randn(3, channels, 24, 20, generator=g)
+    loss = DISTLoss(temperature=tau)
+    value = loss(student, teacher)
+    (grad,) = torch.autograd.grad(value, student)
+    reference = _dist_general_float64(student, teacher, tau)
+    (grad_ref,) = torch.autograd.grad(reference, student)
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+    assert ((grad.double() - grad_ref).norm() / grad_ref.norm()).item() < 1e-5
+
+
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         LogitKDLoss()(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4))
