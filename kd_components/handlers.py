@@ -1,4 +1,5 @@
-"""Ignite handlers that keep a run from losing or corrupting a model: divergence guard, backups at the start."""
+"""Ignite handlers that keep a run from losing or corrupting a model: divergence guard, backups at the start,
+the discriminators' checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from monai.engines.utils import IterationEvents
 
 from kd_components.utils import backup_existing
 
-__all__ = ["FiniteLossGuard", "BackupOnStart"]
+__all__ = ["FiniteLossGuard", "BackupOnStart", "DiscriminatorCheckpointSaver"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +110,64 @@ class BackupOnStart:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
         backup_existing(self.paths, self.backup_dir)
+
+
+class DiscriminatorCheckpointSaver:
+    """Save the trainer's discriminators and their optimizer when its terms have any; nothing otherwise.
+
+    A train handler, so a bundle's ``train.json`` can always list it: attached to a
+    :class:`~kd_components.DistillationTrainer` whose distiller has adversarial terms, it attaches an
+    :class:`~kd_components.AtomicCheckpointSaver` of ``{"discriminators": trainer.discriminators,
+    "discriminator_optimizer": trainer.discriminator_optimizer}`` (the trainer builds that optimizer; the config
+    never holds it); attached to a trainer without discriminators (no adversarial term, or a plain
+    ``SupervisedTrainer``), it does nothing. Method files thus never enable or disable it.
+
+    With ``validator`` the file is written with the student's best checkpoint (the validator's key metric, the
+    pair stays consistent); without it, at the end of training (``save_final``). Only the main process saves under
+    ``torch.distributed``.
+
+    Args:
+        save_dir: the folder of the checkpoint.
+        filename: the file name, e.g. ``"discriminator.pt"``.
+        validator: the evaluator whose key metric selects the saved epoch; ``None``: save at the end of training.
+        backup: first move an existing ``save_dir/filename`` aside (:func:`kd_components.backup_existing`).
+    """
+
+    def __init__(
+        self, save_dir: str, filename: str = "discriminator.pt", validator: Engine | None = None, backup: bool = False
+    ) -> None:
+        self.save_dir = save_dir
+        self.filename = filename
+        self.validator = validator
+        self.backup = backup
+        self.saver: Any = None
+        """The :class:`~kd_components.AtomicCheckpointSaver` attached, or ``None`` (no discriminators)."""
+
+    def attach(self, engine: Engine) -> None:
+        """Attach the saver when ``engine`` trains discriminators (to the validator, or to ``engine``).
+
+        Args:
+            engine: the trainer.
+        """
+        from kd_components.checkpoint import AtomicCheckpointSaver
+
+        discriminators = getattr(engine, "discriminators", None)
+        optimizer = getattr(engine, "discriminator_optimizer", None)
+        if discriminators is None or optimizer is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_rank() != 0:
+                return
+        if self.backup:
+            backup_existing(os.path.join(self.save_dir, self.filename))
+        save_dict = {"discriminators": discriminators, "discriminator_optimizer": optimizer}
+        if self.validator is not None:
+            self.saver = AtomicCheckpointSaver(
+                save_dir=self.save_dir, save_dict=save_dict, save_key_metric=True, key_metric_filename=self.filename
+            )
+            self.saver.attach(self.validator)
+        else:
+            self.saver = AtomicCheckpointSaver(
+                save_dir=self.save_dir, save_dict=save_dict, save_final=True, final_filename=self.filename
+            )
+            self.saver.attach(engine)

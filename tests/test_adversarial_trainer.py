@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from types import SimpleNamespace
 
@@ -23,6 +24,8 @@ from kd_components.adversarial_trainer import (
     discriminator_value_name,
 )
 from kd_components.distiller import Distiller
+from kd_components.engines import DistillationTrainer
+from kd_components.handlers import DiscriminatorCheckpointSaver
 from kd_components.losses import AdversarialDistillationLoss, WGANGPObjective
 from kd_components.modules import SelfAttentionDiscriminator
 from kd_components.terms import DistillationTerm
@@ -307,3 +310,165 @@ def test_configuration_errors():
             discriminator_optimizer=torch.optim.SGD(kit.bank.parameters(), lr=0.1),
             discriminator_steps=-1,
         )
+
+
+# one trainer: the discriminator step belongs to the adversarial terms, its cost levers, the optimizer factory
+
+
+def _one_trainer(kit_args: dict | None = None, **trainer_kwargs) -> SimpleNamespace:
+    """``build``'s setup through ``DistillationTrainer`` itself, the discriminator optimizer from a factory."""
+    kit_args = kit_args or {}
+    student, teacher, discriminator = networks(kit_args.get("seed", 0))
+    adv = AdversarialDistillationLoss(discriminator, kit_args.get("objective", "hinge"))
+    terms = [
+        DistillationTerm("adv", adv, weight=1.0),
+        DistillationTerm("logit", F.mse_loss, {"input": "student", "target": "teacher"}, weight=0.1),
+    ]
+    distiller = Distiller(terms)
+    trainer = DistillationTrainer(
+        device="cpu",
+        max_epochs=kit_args.get("epochs", 1),
+        train_data_loader=DataLoader(data(), batch_size=2),
+        network=student,
+        optimizer=torch.optim.Adam([*student.parameters(), *distiller.parameters()], lr=1e-3),
+        loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+        teacher=teacher,
+        distiller=distiller,
+        discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)),
+        discriminator_steps=kit_args.get("steps", 1),
+        **trainer_kwargs,
+    )
+    return SimpleNamespace(trainer=trainer, student=student, discriminator=discriminator, adv=adv)
+
+
+def test_the_one_trainer_builds_the_discriminator_optimizer_and_matches_the_old_entry_point():
+    """A factory gives the same run, to the bit, as the deprecated AdversarialDistillationTrainer with an optimizer."""
+    old, new = build(objective="wgan-gp", steps=2), _one_trainer({"objective": "wgan-gp", "steps": 2})
+    assert type(old.trainer) is DistillationTrainer and isinstance(
+        new.trainer.discriminator_optimizer, torch.optim.Adam
+    )
+    assert [p for g in new.trainer.discriminator_optimizer.param_groups for p in g["params"]] == list(
+        new.trainer.discriminators.parameters()
+    )
+    for kit in (old, new):
+        torch.manual_seed(7)  # WGAN-GP's interpolation draws
+        kit.trainer.run()
+    for (name, a), b in zip(old.student.state_dict().items(), new.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(old.discriminator.state_dict().items(), new.discriminator.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_critic_every_updates_the_discriminators_one_iteration_in_n():
+    kit = _one_trainer({"epochs": 2}, critic_every=2)  # 2 iterations per epoch: D steps at iterations 1 and 3
+    events, outputs = [], []
+    kit.trainer.discriminator_optimizer.register_step_post_hook(lambda *_: events.append("D"))
+    kit.trainer.optimizer.register_step_post_hook(lambda *_: events.append("S"))
+    kit.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output[0])))
+    kit.trainer.run()
+    assert events == ["D", "S", "S", "D", "S", "S"]
+    reported = ["loss_adv_discriminator" in o for o in outputs]
+    assert reported == [True, False, True, False]
+    assert kit.trainer.state.metrics["train_adv_discriminator"] == pytest.approx(
+        float(outputs[2]["loss_adv_discriminator"]), rel=1e-6
+    )  # the mean of the epoch's updating iterations only
+    assert kit.trainer.distillation_settings()["kd.critic_every"] == 2
+
+
+def test_gp_every_computes_the_penalty_lazily_and_scaled(monkeypatch):
+    kit = _one_trainer({"objective": "wgan-gp", "steps": 3}, gp_every=2)  # 2 iterations x 3 critic steps
+    calls = []
+    penalty = kit.adv.objective.gradient_penalty
+
+    def spy(discriminator, real, fake):
+        value = penalty(discriminator, real, fake)
+        calls.append(value.detach())
+        return value
+
+    monkeypatch.setattr(kit.adv.objective, "gradient_penalty", spy)
+    scales = []
+    original = WGANGPObjective.discriminator_loss
+
+    def record(self, discriminator, real, fake, gp_scale=1.0, batched=False):
+        scales.append(gp_scale)
+        return original(self, discriminator, real, fake, gp_scale=gp_scale, batched=batched)
+
+    monkeypatch.setattr(WGANGPObjective, "discriminator_loss", record)
+    kit.trainer.run()
+    assert scales == [2.0, 0.0, 2.0, 0.0, 2.0, 0.0]  # the critic steps 0, 2, 4 of the term carry the penalty, x2
+    assert len(calls) == 3
+    # the loss of a lazy step is the Wasserstein estimate plus gp_weight * k * penalty
+    real, fake = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    kit.discriminator.eval()
+    objective = WGANGPObjective(gp_weight=10.0, rng=torch.Generator().manual_seed(0))
+    lazy = objective.discriminator_loss(kit.discriminator, real, fake, gp_scale=2.0)
+    objective.rng.manual_seed(0)
+    plain = objective.discriminator_loss(kit.discriminator, real, fake)
+    skipped = objective.discriminator_loss(kit.discriminator, real, fake, gp_scale=0.0)
+    assert float(lazy - skipped) == pytest.approx(2.0 * float(plain - skipped), rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["hinge", "wgan-gp"])
+def test_batched_critic_pass_equals_two_passes_for_a_per_sample_discriminator(objective):
+    """One pass on cat([real, fake]) gives the loss of two passes when samples do not interact (no BatchNorm, no
+    spectral-norm update): the lever only changes the cost."""
+    torch.manual_seed(0)
+    discriminator = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(4, 1, 3))
+    loss = AdversarialDistillationLoss(discriminator, objective)
+    if objective == "wgan-gp":
+        loss.objective.gp_weight = 0.0  # the penalty draws random interpolates; compared separately above
+    student, teacher = torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8)
+    two = loss.discriminator_step_loss(student, teacher)
+    one = loss.discriminator_step_loss(student, teacher, batched=True)
+    assert float(one) == pytest.approx(float(two), rel=1e-6)
+
+
+def test_cost_levers_are_checked():
+    with pytest.raises(ValueError, match="critic_every"):
+        _one_trainer(critic_every=0)
+    with pytest.raises(ValueError, match="gp_every"):
+        _one_trainer(gp_every=0)
+    with pytest.raises(ValueError, match="discriminator_steps"):
+        _one_trainer({"steps": -1})
+
+
+def test_adversarial_terms_without_a_discriminator_optimizer_say_what_to_give():
+    student, teacher, discriminator = networks()
+    distiller = Distiller([DistillationTerm("adv", AdversarialDistillationLoss(discriminator, "hinge"))])
+    with pytest.raises(ValueError, match="give the trainer a discriminator_optimizer"):
+        DistillationTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=DataLoader(data(), batch_size=2),
+            network=student,
+            optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+            loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+            teacher=teacher,
+            distiller=distiller,
+        )
+
+
+def test_discriminator_checkpoint_saver_writes_only_when_there_are_discriminators(tmp_path):
+    kit = _one_trainer()
+    saver = DiscriminatorCheckpointSaver(str(tmp_path / "adv"), "discriminator.pt")
+    saver.attach(kit.trainer)
+    kit.trainer.run()
+    saved = torch.load(tmp_path / "adv" / "discriminator.pt", weights_only=True)
+    assert set(saved) == {"discriminators", "discriminator_optimizer"} and set(saved["discriminators"])
+
+    student, teacher, _ = networks()
+    plain = DistillationTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=DataLoader(data(), batch_size=2),
+        network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+        teacher=teacher,
+        distiller=Distiller([DistillationTerm("logit", F.mse_loss, {"input": "student", "target": "teacher"})]),
+        discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),  # a bundle default: unused here
+    )
+    idle = DiscriminatorCheckpointSaver(str(tmp_path / "none"), "discriminator.pt")
+    idle.attach(plain)
+    plain.run()
+    assert idle.saver is None and plain.adversarial is None and not (tmp_path / "none").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -505,14 +506,19 @@ def test_adversarial_resume_restores_discriminators_and_continues_like_an_uninte
 # 5. override validation: the rule, and MONAI's legitimate uses
 
 
-def test_override_rule_accepts_ids_of_merged_files_and_refuses_typos_and_wrong_types():
+def test_override_rule_accepts_ids_of_merged_files_and_refuses_typos_and_wrong_types(tmp_path):
     from kd_components import OverrideError, check_overrides, validate_overrides
     from kd_components.overrides import parse_cli_overrides
     from tests.bundles.conftest import configs
 
     files = configs(BUNDLE, "train.json", "methods/structured_kd_holistic.json")
-    # ids that exist only in the merged method file, and an item its "+validate#handlers" merge appended
-    validate_overrides(files, {"discriminator_learning_rate": 1e-4, "validate#handlers#2#key_metric_filename": "d.pt"})
+    # ids that exist only in the merged method file (its third term), and an item a "+validate#handlers" merge appends
+    appended = tmp_path / "extra_saver.json"
+    saver = {"_target_": "CheckpointSaver", "key_metric_filename": "x"}
+    appended.write_text(json.dumps({"+validate#handlers": [saver]}))
+    merged = [*files, str(appended)]
+    validate_overrides(files, {"discriminator_learning_rate": 1e-4, "distill#terms#2#weight": 0.2})
+    validate_overrides(merged, {"validate#handlers#2#key_metric_filename": "d.pt"})
     validate_overrides(files, {"epochs": 3, "learning_rate": "$1e-3 * 2", "image_size": [64, 64], "resume": True})
     with pytest.raises(OverrideError, match=r"--distill#alpa matches no id .*did you mean --distill#alpha"):
         validate_overrides(files, {"distill#alpa": 0.9})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,21 @@ def _scores(discriminator: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return discriminator(x).float().flatten(1)
 
 
+def _real_fake_scores(
+    discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, batched: bool, fake_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B, M) of ``real`` and ``fake``: two discriminator passes (in the order given: a spectral-norm
+    discriminator updates at each pass), or one pass on both stacked along the batch."""
+    if batched:
+        scores = _scores(discriminator, torch.cat([real, fake]))
+        return scores[: real.shape[0]], scores[real.shape[0] :]
+    if fake_first:
+        score_fake = _scores(discriminator, fake)
+        return _scores(discriminator, real), score_fake
+    score_real = _scores(discriminator, real)
+    return score_real, _scores(discriminator, fake)
+
+
 class AdversarialObjective:
     """Base of the GAN objectives: ``discriminator_loss`` (discriminator step), ``generator_loss`` (student step).
 
@@ -47,8 +63,24 @@ class AdversarialObjective:
     never accumulates gradients in the discriminator.
     """
 
-    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """Scalar loss to minimise w.r.t. the discriminator's parameters."""
+    def discriminator_loss(
+        self,
+        discriminator: nn.Module,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        gp_scale: float = 1.0,
+        batched: bool = False,
+    ) -> torch.Tensor:
+        """Scalar loss to minimise w.r.t. the discriminator's parameters.
+
+        Args:
+            discriminator: the discriminator.
+            real: the teacher side (B, C, *S), detached here.
+            fake: the student side (B, C, *S), detached here.
+            gp_scale: factor of a regulariser such as WGAN-GP's gradient penalty (0 skips it; ``k`` in one step
+                out of ``k`` is the lazy penalty); objectives without one ignore it.
+            batched: score real and fake in one discriminator pass (batch 2B) instead of two.
+        """
         raise NotImplementedError
 
     def generator_loss(self, discriminator: nn.Module, fake: torch.Tensor) -> torch.Tensor:
@@ -96,11 +128,20 @@ class WGANGPObjective(AdversarialObjective):
             norm = (grad.float().flatten(1).pow(2).sum(dim=1) + 1e-12).sqrt()
             return (norm - 1).pow(2).mean()
 
-    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    def discriminator_loss(
+        self,
+        discriminator: nn.Module,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        gp_scale: float = 1.0,
+        batched: bool = False,
+    ) -> torch.Tensor:
         real, fake = real.detach(), fake.detach()
-        loss = _scores(discriminator, fake).mean() - _scores(discriminator, real).mean()
-        if self.gp_weight:
-            loss = loss + self.gp_weight * self.gradient_penalty(discriminator, real, fake)
+        score_real, score_fake = _real_fake_scores(discriminator, real, fake, batched, fake_first=True)
+        loss = score_fake.mean() - score_real.mean()
+        if self.gp_weight and gp_scale:
+            weight = self.gp_weight if gp_scale == 1.0 else self.gp_weight * gp_scale
+            loss = loss + weight * self.gradient_penalty(discriminator, real, fake)
         return loss
 
 
@@ -114,9 +155,17 @@ class HingeObjective(AdversarialObjective):
         Lim & Ye, "Geometric GAN", 2017; Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019.
     """
 
-    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    def discriminator_loss(
+        self,
+        discriminator: nn.Module,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        gp_scale: float = 1.0,
+        batched: bool = False,
+    ) -> torch.Tensor:
         real, fake = real.detach(), fake.detach()
-        return F.relu(1 - _scores(discriminator, real)).mean() + F.relu(1 + _scores(discriminator, fake)).mean()
+        score_real, score_fake = _real_fake_scores(discriminator, real, fake, batched)
+        return F.relu(1 - score_real).mean() + F.relu(1 + score_fake).mean()
 
 
 _OBJECTIVES = {"wgan-gp": WGANGPObjective, "hinge": HingeObjective}
@@ -194,7 +243,11 @@ class AdversarialDistillationLoss(nn.Module):
         return self.objective.generator_loss(self.discriminator, fake)
 
     def discriminator_step_loss(
-        self, student: torch.Tensor, teacher: torch.Tensor, condition: torch.Tensor | None = None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        **objective_kwargs: Any,
     ) -> torch.Tensor:
         """Scalar discriminator loss for the discriminator step; student and teacher are detached.
 
@@ -202,6 +255,7 @@ class AdversarialDistillationLoss(nn.Module):
             student: student tensor (B, C, *S) ("fake").
             teacher: teacher tensor (B, C, *S) ("real").
             condition: optional (B, C_c, *S) tensor concatenated along channels to both sides.
+            objective_kwargs: passed to the objective's ``discriminator_loss`` (``gp_scale``, ``batched``).
         """
         fake, real = self._pair(student.detach(), teacher.detach(), condition)
-        return self.objective.discriminator_loss(self.discriminator, real, fake)
+        return self.objective.discriminator_loss(self.discriminator, real, fake, **objective_kwargs)

@@ -41,6 +41,44 @@ def test_every_stage_merges_with_multi_gpu_training(bundle):
         assert isinstance(trainer, dict) and "max_epochs" in trainer, f"{stage}: train#trainer is {trainer!r}"
 
 
+def _method_copies() -> dict[str, list]:
+    """``{method file name: [its path in each bundle that has it]}`` for the methods of several bundles."""
+    copies: dict[str, list] = {}
+    for bundle in NAMES:
+        for path in sorted((BUNDLES / bundle / "configs" / "methods").glob("*.json")):
+            copies.setdefault(path.name, []).append(path)
+    return {name: paths for name, paths in copies.items() if len(paths) > 1}
+
+
+def test_a_method_file_is_the_same_text_in_every_bundle():
+    """One preset per method: a method file present in several bundles is byte-identical in all of them (what a
+    bundle tunes lives in its train.json: taps#<name>, distill#<knob>), and names no trainer and no module path."""
+    copies = _method_copies()
+    assert {"none.json", "logit_kd.json", "mgd.json", "structured_kd_holistic.json"} <= set(copies)
+    for name, paths in copies.items():
+        texts = {path.parent.parent.parent.name: path.read_bytes() for path in paths}
+        reference = max(texts.values(), key=list(texts.values()).count)  # the text most bundles share
+        differ = sorted(bundle for bundle, text in texts.items() if text != reference)
+        assert not differ, f"methods/{name} of {differ} differs from the copy in the other bundles {sorted(texts)}"
+    for bundle in NAMES:
+        for path in (BUNDLES / bundle / "configs" / "methods").glob("*.json"):
+            text = path.read_text()
+            assert 'train#trainer"' not in text and '_target_": "SupervisedTrainer' not in text, path
+            assert not re.search(r"#\d+\"", text), f"{path}: a config id patched by list index"
+            assert not re.search(r"\"(student|teacher):model", text), f"{path}: a module path instead of @taps#..."
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_the_taps_section_names_shallow_and_deep_sources(bundle):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    taps = parser["taps"]
+    assert {"shallow", "deep"} <= set(taps)
+    for name, sides in taps.items():
+        assert set(sides) == {"student", "teacher"}, name
+        assert all(sides[side].startswith(f"{side}:") for side in sides), name
+
+
 @pytest.mark.parametrize("bundle", NAMES)
 def test_the_comparison_runner_finds_its_ids_and_class_names(bundle):
     configs = BUNDLES / bundle / "configs"
