@@ -14,7 +14,6 @@ Pieces, in the order a bundle uses them:
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from kd_components.engines.distillation import LABELLED, DistillationTrainer
+from kd_components.engines.distillation import LABELLED, deprecated_trainer_alias
 
 __all__ = [
     "LABELLED",
@@ -150,33 +149,7 @@ class PlaceholderLabeld(MapTransform):
         return d
 
 
-def SemiSupervisedDistillationTrainer(*args: Any, **kwargs: Any) -> DistillationTrainer:  # noqa: N802
-    """Deprecated: ``kd_components.DistillationTrainer(..., semi_supervised=True)``.
-
-    Args:
-        args: the positional arguments of :class:`~kd_components.DistillationTrainer`.
-        kwargs: its keyword arguments (``labelled_key``, ``label_terms``, ...).
-    """
-    warnings.warn(
-        "SemiSupervisedDistillationTrainer is deprecated: use kd_components.DistillationTrainer with "
-        "semi_supervised=True",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return DistillationTrainer(*args, semi_supervised=True, **kwargs)
-
-
-def SemiSupervisedAdversarialDistillationTrainer(*args: Any, **kwargs: Any) -> DistillationTrainer:  # noqa: N802
-    """Deprecated: ``kd_components.DistillationTrainer(..., semi_supervised=True)`` (adversarial terms included).
-
-    Args:
-        args: the positional arguments of :class:`~kd_components.DistillationTrainer`.
-        kwargs: its keyword arguments (``discriminator_optimizer``, ``labelled_key``, ...).
-    """
-    warnings.warn(
-        "SemiSupervisedAdversarialDistillationTrainer is deprecated: use kd_components.DistillationTrainer with "
-        "semi_supervised=True",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return DistillationTrainer(*args, semi_supervised=True, **kwargs)
+SemiSupervisedDistillationTrainer = deprecated_trainer_alias("SemiSupervisedDistillationTrainer", semi_supervised=True)
+SemiSupervisedAdversarialDistillationTrainer = deprecated_trainer_alias(
+    "SemiSupervisedAdversarialDistillationTrainer", semi_supervised=True
+)

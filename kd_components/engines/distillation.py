@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -788,3 +789,21 @@ def _check_ddp(distiller: nn.Module, label_terms: list[DistillationTerm]) -> Non
             f"label-reading terms {trainable} own trainable modules that a rank without labelled samples leaves "
             "unused: wrap the distiller in DistributedDataParallel(..., find_unused_parameters=True)"
         )
+
+
+def deprecated_trainer_alias(old_name: str, **fixed: Any) -> Callable[..., DistillationTrainer]:
+    """A deprecated trainer name kept as a function building :class:`DistillationTrainer` (one warning per call).
+
+    Args:
+        old_name: the old class name, e.g. ``"AdversarialDistillationTrainer"``.
+        fixed: arguments the old class implied, e.g. ``semi_supervised=True``.
+    """
+    use = "kd_components.DistillationTrainer" + "".join(f", {k}={v!r}" for k, v in fixed.items())
+
+    def alias(*args: Any, **kwargs: Any) -> DistillationTrainer:
+        warnings.warn(f"{old_name} is deprecated: use {use}", DeprecationWarning, stacklevel=2)
+        return DistillationTrainer(*args, **fixed, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old_name
+    alias.__doc__ = f"Deprecated: ``{use}`` (the same arguments). Returns a :class:`DistillationTrainer`."
+    return alias
