@@ -21,8 +21,9 @@ so an adversarial trainer's discriminator step is included; (a) is a MONAI ``Sup
 config entry without the arguments ``SupervisedTrainer`` does not take (teacher, distiller, discriminators...) and
 without the training handlers, so both run the same network, optimizer, supervised loss, inferer, AMP setting and
 postprocessing. Measurements are interleaved round by round, so load from other processes affects all of them alike;
-report the ratios. A method named with ``--methods`` that a bundle does not have, or whose trainer is not a
-``DistillationTrainer`` (``none``: the student alone, i.e. step (a)), is listed as not measured.
+report the ratios. A method named with ``--methods`` that a bundle does not have, whose trainer is not a
+``DistillationTrainer``, or that has no distillation term or no teacher (``none``: the student alone, i.e. step
+(a)), is listed as not measured.
 
 Batches come from the bundle's own training data loader (its transforms, random crops included: the JSON's
 ``batch_items`` is the number of items per iteration, e.g. ``batch_size`` x ``num_samples`` patches), on a prepared

@@ -139,8 +139,9 @@ def benchmark_training(
 
     Args:
         bundle: the bundle folder.
-        methods: method names (``configs/methods/<name>.json``); methods the bundle does not have and methods whose
-            trainer is not a ``DistillationTrainer`` (e.g. ``none``, the student alone) are listed as skipped.
+        methods: method names (``configs/methods/<name>.json``); methods the bundle does not have, methods whose
+            trainer is not a ``DistillationTrainer`` and methods without distillation terms or teacher (``none``:
+            the student alone, i.e. step (a)) are listed as skipped.
         override: config overrides (data, checkpoints, sizes, device, AMP).
         device: where the trainers run.
         warmup: untimed iterations of each call first.
@@ -170,6 +171,9 @@ def benchmark_training(
         if not is_distillation_trainer(config):
             target = config.get("_target_") if isinstance(config, dict) else config
             skipped[name] = f"its trainer ({target}) is not a DistillationTrainer"
+            continue
+        if parser.get("distill#terms", None) == [] or parser.get("teacher", "") is None:
+            skipped[name] = "no distillation term (the student alone: step (a))"
             continue
         plain_id = add_plain_trainer(parser) if plain is None else None
         start = time.perf_counter()
