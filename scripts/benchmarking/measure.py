@@ -42,7 +42,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, Any]:
-    """Median, quartiles and inter-quartile range, in milliseconds, of repeated timings given in seconds (the
+    """Median, mean, quartiles and inter-quartile range, in milliseconds, of repeated timings given in seconds (the
     samples are kept, in order, under ``"samples_ms"``)."""
     samples = [1e3 * s for s in seconds]
     ms = sorted(samples)
@@ -52,6 +52,7 @@ def summarize(seconds: Sequence[float]) -> dict[str, Any]:
         q1 = q3 = ms[0]
     return {
         "median_ms": statistics.median(ms),
+        "mean_ms": statistics.fmean(ms),  # what amortised schedules (a step every n iterations) cost on average
         "q1_ms": q1,
         "q3_ms": q3,
         "iqr_ms": q3 - q1,
