@@ -343,6 +343,11 @@ class DistillationTrainer(SupervisedTrainer):
         self.discriminator_amp = bool(step.scaler.is_enabled()) or (self.amp if amp is None else bool(amp))
 
     @property
+    def supervised_loss(self) -> Callable:
+        """The supervised loss ``(pred, label) -> loss`` (the engine's ``loss_function``)."""
+        return self.loss_function
+
+    @property
     def adversarial_state(self) -> AdversarialState | None:
         """Discriminators, their optimizer and grad scaler as one checkpointable object (``None``: no adversary)."""
         return self.adversarial.state if self.adversarial is not None else None
