@@ -472,3 +472,26 @@ def test_discriminator_checkpoint_saver_writes_only_when_there_are_discriminator
     idle.attach(plain)
     plain.run()
     assert idle.saver is None and plain.adversarial is None and not (tmp_path / "none").exists()
+
+
+def test_old_trainer_names_warn_and_build_the_one_trainer():
+    from kd_components.semisupervised import SemiSupervisedAdversarialDistillationTrainer
+
+    with pytest.warns(DeprecationWarning, match="use kd_components.DistillationTrainer"):
+        kit = build()
+    assert type(kit.trainer) is DistillationTrainer and kit.trainer.adversarial is not None
+    student, teacher, discriminator = networks()
+    distiller = Distiller([DistillationTerm("adv", AdversarialDistillationLoss(discriminator, "hinge"))])
+    with pytest.warns(DeprecationWarning, match="semi_supervised=True"):
+        trainer = SemiSupervisedAdversarialDistillationTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=DataLoader(data(), batch_size=2),
+            network=student,
+            optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+            loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+            teacher=teacher,
+            distiller=distiller,
+            discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        )
+    assert type(trainer) is DistillationTrainer and trainer.semi_supervised

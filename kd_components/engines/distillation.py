@@ -340,7 +340,7 @@ class DistillationTrainer(SupervisedTrainer):
         self.discriminators, self.discriminator_optimizer = bank, step.optimizer
         self.discriminator_scaler = step.scaler
         self.discriminator_steps = step.steps
-        self.discriminator_amp = bool(step.scaler.is_enabled()) or (self.amp if amp is None else bool(amp))
+        self.discriminator_amp = self.amp if amp is None else bool(amp)
 
     @property
     def supervised_loss(self) -> Callable:
@@ -435,6 +435,12 @@ class DistillationTrainer(SupervisedTrainer):
             kwargs: dict = {}
         else:
             inputs, targets, args, kwargs = batch
+        metas: dict[str, MetaTensor] = {}
+        if self.compile:  # as SupervisedTrainer: compiled networks get plain tensors, metadata is put back after
+            for key, value in ((Keys.IMAGE, inputs), (Keys.LABEL, targets)):
+                if isinstance(value, MetaTensor):
+                    metas[key] = value
+            inputs, targets = _plain(inputs), _plain(targets)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
         acc = engine.accumulation_steps
@@ -488,6 +494,15 @@ class DistillationTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             if should_step:
                 engine.optimizer.step()
+        for key, meta in metas.items():
+            engine.state.output[key] = MetaTensor(
+                engine.state.output[key], meta=meta.meta, applied_operations=meta.applied_operations
+            )
+        if Keys.IMAGE in metas:
+            image = metas[Keys.IMAGE]
+            engine.state.output[Keys.PRED] = MetaTensor(
+                engine.state.output[Keys.PRED], meta=image.meta, applied_operations=image.applied_operations
+            )
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
