@@ -776,6 +776,7 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
                 raise SystemExit(f"teacher checkpoint {teacher_ckpt} not found: train it first or omit --teacher_ckpt")
             if plan["train_paraphraser"]:
                 paraphraser_dir = Path(plan["paraphraser_dir"])
+                paraphraser_dir.mkdir(parents=True, exist_ok=True)
                 train_stage(
                     bundle,
                     ["train.json", PARAPHRASER_CONFIG],
@@ -784,6 +785,7 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
                         **common,
                         "teacher_ckpt": str(teacher_ckpt),
                         "ckpt_dir": str(paraphraser_dir),
+                        "paraphraser_dir": str(paraphraser_dir),  # where the bundles' stage writes them
                         "output_dir": str(Path(plan["out"]) / "paraphraser" / "eval"),
                     },
                 )

@@ -103,7 +103,7 @@ PARAPHRASER_STAGE = {
     "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
     "run": [
         "$@train#trainer.run()",
-        "$torch.save(@paraphraser.state_dict(), os.path.join(@ckpt_dir, 'paraphraser_deep.pt'))",
+        "$torch.save(@paraphraser.state_dict(), os.path.join(@paraphraser_dir, 'paraphraser_deep.pt'))",
     ],
 }
 
@@ -171,6 +171,30 @@ def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_track
     assert "test_mean_dice" in runs["none seed0"].data.metrics and "test_mean_dice" in runs["teacher"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(runs["comparison"].info.run_id)}
     assert {"results.md", "results.json", "results_test.png"} <= artifacts
+
+
+def test_a_reused_teacher_gets_its_paraphrasers_in_the_comparison_not_in_its_own_folder(
+    bundle_with_paraphraser, tmp_path
+):
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
+    teacher_dir = tmp_path / "my_teacher"
+    teacher_dir.mkdir()
+    wf = compare_methods._workflow(compare_methods.BUNDLES / bundle_with_paraphraser, ["train.json"], "train")
+    torch.save(wf.parser.get_parsed_content("teacher_def").state_dict(), teacher_dir / "teacher.pt")
+    fast = {"epochs": 1, "image_size": [32, 32], "batch_size": 4, "num_workers": 0}
+    plan = compare_methods.make_plan(
+        bundle_with_paraphraser,
+        ["needs_paraphraser"],
+        data,
+        tmp_path / "out",
+        teacher_ckpt=teacher_dir / "teacher.pt",
+        **fast,
+    )
+    compare_methods.run_job(plan["out"], "teacher")
+    assert sorted(p.name for p in teacher_dir.iterdir()) == ["teacher.pt"]  # the user's folder is left alone
+    assert (Path(plan["paraphraser_dir"]) / "paraphraser_deep.pt").is_file()
+    compare_methods.run_job(plan["out"], "needs_paraphraser:0")  # finds them there
 
 
 def test_compare_refuses_unknown_method_or_missing_teacher_before_training(tmp_path):
