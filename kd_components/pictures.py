@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from kd_components.handlers import _scalars
+from kd_components.progress import loss_scalars
 
 __all__ = ["LossCurves", "OverlaySaver", "log_artifacts_to_mlflow", "optional_teacher", "overlay_panels"]
 
@@ -111,6 +111,8 @@ class LossCurves:
         Args:
             engine: the trainer.
         """
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return  # rank 0 writes the curves (of its own shard's losses)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
@@ -121,7 +123,7 @@ class LossCurves:
         self._run_ids = self._run_ids or _remember_runs(engine)
 
     def _iteration_completed(self, engine: Engine) -> None:
-        for key, value in _scalars(engine.state.output, None).items():
+        for key, value in loss_scalars(engine.state.output).items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
 

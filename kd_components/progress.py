@@ -8,13 +8,31 @@ import sys
 import time
 from typing import Any, TextIO
 
+import torch
 from ignite.engine import Engine, Events
 
 from kd_components.handlers import _scalars
 
-__all__ = ["TrainingProgress", "format_duration"]
+__all__ = ["TrainingProgress", "format_duration", "loss_scalars"]
 
 logger = logging.getLogger(__name__)
+
+
+def loss_scalars(output: Any) -> dict[str, float]:
+    """The scalar losses of an engine output: ``"loss"`` and every ``"loss_<term>"`` entry.
+
+    MONAI's trainers decollate the batch, so the output is often a list of per-sample dicts that repeat the batch's
+    losses; each loss is then the mean over the list (the batch value when they repeat it).
+
+    Args:
+        output: ``engine.state.output``, a dict or a list of dicts.
+    """
+    items = output if isinstance(output, list) else [output]
+    sums: dict[str, list[float]] = {}
+    for item in items:
+        for key, value in _scalars(item, None).items():
+            sums.setdefault(key, []).append(value)
+    return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
 def format_duration(seconds: float) -> str:
@@ -46,6 +64,7 @@ class TrainingProgress:
     ``iteration_log: false``). The loss means are over the epoch's iterations, for ``"loss"`` and every
     ``"loss_<term>"`` entry of the engine output (a dict, or a list of dicts). Validation metrics are read from
     ``validator`` (its ``state.metrics`` and best metric), so attach this handler after the ``ValidationHandler``.
+    With several processes (``torchrun``) only rank 0 shows progress.
 
     Args:
         stage: how to call the run in the lines (``"training"``, ``"teacher"``, ``"student"``, ...).
@@ -78,6 +97,8 @@ class TrainingProgress:
         Args:
             engine: the trainer.
         """
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return  # one progress display per run: rank 0's
         if self.interactive:
             try:
                 from ignite.handlers import ProgressBar
@@ -85,7 +106,7 @@ class TrainingProgress:
                 logger.info("tqdm is not installed: showing one line per epoch instead of a progress bar")
             else:
                 ProgressBar(persist=False, file=self.stream).attach(
-                    engine, output_transform=lambda output: _scalars(output, ["loss"])
+                    engine, output_transform=lambda output: {"loss": loss_scalars(output).get("loss", float("nan"))}
                 )
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
@@ -101,7 +122,7 @@ class TrainingProgress:
         self._epoch_start = time.perf_counter()
 
     def _iteration_completed(self, engine: Engine) -> None:
-        for key, value in _scalars(engine.state.output, None).items():
+        for key, value in loss_scalars(engine.state.output).items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
 

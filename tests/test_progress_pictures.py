@@ -81,6 +81,14 @@ def test_loss_curves_record_epoch_means_and_write_png(tmp_path):
     assert json.loads(curves.json_path.read_text())["loss_kd"] == [[1, 0.5], [2, 0.5]]
 
 
+def test_decollated_outputs_give_one_value_per_loss():
+    from kd_components.progress import loss_scalars
+
+    batch = [{"loss": torch.tensor(2.0), "loss_kd": 0.5, "pred": torch.zeros(2)} for _ in range(4)]
+    assert loss_scalars(batch) == {"loss": 2.0, "loss_kd": 0.5}
+    assert loss_scalars({"loss": 1.0, "other": 3.0}) == {"loss": 1.0}
+
+
 def test_loss_curves_logged_to_the_mlflow_run(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

@@ -253,6 +253,8 @@ def test_torchrun_ddp_gloo_leaves_one_model(teacher_run, tmp_path):
         **{k: over[k] for k in ("dataset_dir", "ckpt_dir", "teacher_ckpt", "output_dir")},
         **FAST,
     )
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_settings.json", "resume"]
+    listing = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert listing == ["eval", "model.pt", "model_settings.json", "resume"]  # eval: this test's output_dir
+    assert (tmp_path / "models" / "eval" / "loss_curves.png").is_file()  # written by rank 0
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)

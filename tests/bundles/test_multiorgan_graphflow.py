@@ -377,6 +377,7 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, parap
         num_workers=0,
     )
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "eval",  # this test's output_dir: rank 0's loss curves
         "model.pt",
         "model_discriminator.pt",
         "model_settings.json",

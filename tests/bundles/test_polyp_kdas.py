@@ -72,6 +72,10 @@ def test_distill_evaluate_infer_export(teacher_run, tmp_path):
     wf = run_workflow(BUNDLE, ["train.json"], **over)
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert {"train_kdas_attention", "train_kdas_sgm", "train_supervised"} <= set(trainer.state.metrics)
+    curves = json.loads((tmp_path / "eval" / "loss_curves.json").read_text())  # one point per epoch and term
+    expected = {"loss", "loss_supervised", "loss_kdas_attention", "loss_kdas_sgm", "validation/val_mean_dice"}
+    assert expected <= set(curves) and all(len(curves[k]) == over["epochs"] for k in expected)
+    assert (tmp_path / "eval" / "loss_curves.png").is_file()
     teacher_after = torch.load(ckpt_dir / "teacher.pt", weights_only=True)
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
 
