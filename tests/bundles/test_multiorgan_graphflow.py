@@ -164,7 +164,7 @@ def test_distill_evaluate_infer_export(teacher_run, paraphraser_run, data_dir, t
     )
     assert set(state) == set(student_net.state_dict())
     student_net.load_state_dict(state, strict=True)
-    adversarial = torch.load(tmp_path / "models" / "model_discriminator.pt", weights_only=True)
+    adversarial = torch.load(tmp_path / "models" / "discriminator" / "model_discriminator.pt", weights_only=True)
     assert set(adversarial) == {"discriminators", "discriminator_optimizer"}
     assert all(k.startswith("adversarial.") for k in adversarial["discriminators"])
 
@@ -233,9 +233,11 @@ def test_rerun_backs_up_existing_model(teacher_run, paraphraser_run, tmp_path):
     """A second run never loses the model (or discriminator) of the first: they are copied to backup/ at its start."""
     over = student(teacher_run, paraphraser_run, tmp_path)
     (tmp_path / "model.pt").write_bytes(b"precious")
-    (tmp_path / "model_discriminator.pt").write_bytes(b"also precious")
+    (tmp_path / "discriminator").mkdir()
+    (tmp_path / "discriminator" / "model_discriminator.pt").write_bytes(b"also precious")
     run_workflow(BUNDLE, ["train.json"], **over)
     backups = {p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "backup").iterdir()}
+    backups.update({p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "discriminator" / "backup").iterdir()})
     assert backups == {"model": b"precious", "model_discriminator": b"also precious"}
     assert (tmp_path / "model.pt").read_bytes() != b"precious"
 
@@ -363,7 +365,7 @@ def test_each_method_override_trains(method, teacher_run, paraphraser_run, tmp_p
     assert (tmp_path / "model.pt").is_file()
     adversarial = method in {"graph_flow", "structured_kd_holistic"}
     assert ("adversarial" in terms or "holistic" in terms) == adversarial
-    assert (tmp_path / "model_discriminator.pt").is_file() == adversarial
+    assert (tmp_path / "discriminator" / "model_discriminator.pt").is_file() == adversarial
 
 
 def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, paraphraser_run, tmp_path):
@@ -377,9 +379,9 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, parap
         num_workers=0,
     )
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "discriminator",  # model_discriminator.pt, out of models/*.pt, which MONAI Label offers as models
         "eval",  # this test's output_dir: rank 0's loss curves
         "model.pt",
-        "model_discriminator.pt",
         "model_settings.json",
         "resume",
     ]

@@ -188,7 +188,7 @@ def test_coco_distill_evaluate_infer_export_with_mlflow(trained, tmp_path):
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     student = make_workflow(BUNDLE, ["inference.json"], workflow_type="infer").parser.get_parsed_content("network_def")
     assert set(state) == set(student.state_dict())
-    disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)
+    disc = torch.load(ckpt_dir / "discriminator" / "discriminator.pt", weights_only=True)
     assert set(disc) == {"discriminators", "discriminator_optimizer"}
     assert all(k.startswith("adversarial.") for k in disc["discriminators"])
 
@@ -322,13 +322,13 @@ def test_torchrun_ddp_gloo_coco_leaves_model_and_discriminator(trained, tmp_path
         val_interval=1,
     )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
-        "discriminator.pt",
+        "discriminator",  # discriminator.pt, out of models/*.pt, which MONAI Label offers as models
         "model.pt",
         "model_settings.json",
         "resume",
     ]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]
+    disc = torch.load(ckpt_dir / "discriminator" / "discriminator.pt", weights_only=True)["discriminators"]
     assert not any(k.startswith("module.") or ".module." in k for k in [*state, *disc])
 
 
@@ -392,4 +392,4 @@ def test_each_method_override_trains(method, trained, tmp_path):
     assert isinstance(trainer, DistillationTrainer)  # one trainer; the terms decide what runs
     assert (trainer.adversarial is not None) == (method in ADVERSARIAL)
     assert (tmp_path / "model.pt").is_file()
-    assert (tmp_path / "discriminator.pt").is_file() == (method in ADVERSARIAL)
+    assert (tmp_path / "discriminator" / "discriminator.pt").is_file() == (method in ADVERSARIAL)

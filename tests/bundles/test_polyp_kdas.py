@@ -236,7 +236,7 @@ def test_structured_kd_holistic_trains_the_discriminator_not_the_teacher(teacher
     assert any(k.endswith("weight.original") for k in changed), changed
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
     assert (tmp_path / "model.pt").is_file()
-    saved = torch.load(tmp_path / "discriminator.pt", weights_only=True)
+    saved = torch.load(tmp_path / "discriminator" / "discriminator.pt", weights_only=True)
     assert set(saved["discriminators"]) == set(bank.state_dict())
 
 

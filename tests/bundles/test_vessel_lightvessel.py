@@ -137,7 +137,7 @@ def test_distill_evaluate_infer_export(teacher_run, tmp_path):
     teacher_after = torch.load(ckpt_dir / "teacher.pt", weights_only=True)
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
     assert any(not torch.equal(disc_before[k], v) for k, v in bank.state_dict().items())  # the discriminator trained
-    saved = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)
+    saved = torch.load(ckpt_dir / "discriminator" / "discriminator.pt", weights_only=True)
     assert set(saved) == {"discriminators", "discriminator_optimizer"}
     assert set(saved["discriminators"]) == set(disc_before)
 
@@ -264,9 +264,10 @@ def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     (ckpt_dir / "model.pt").write_bytes(b"precious")
-    (ckpt_dir / "discriminator.pt").write_bytes(b"also precious")
+    (ckpt_dir / "discriminator").mkdir()
+    (ckpt_dir / "discriminator" / "discriminator.pt").write_bytes(b"also precious")
     run_workflow(BUNDLE, ["train.json", "methods/none.json"], **_student_run(teacher_run, ckpt_dir))
-    backups = sorted((ckpt_dir / "backup").glob("*.pt"))
+    backups = sorted([*(ckpt_dir / "backup").glob("*.pt"), *(ckpt_dir / "discriminator" / "backup").glob("*.pt")])
     assert sorted(p.read_bytes() for p in backups) == [b"also precious", b"precious"]
     assert (ckpt_dir / "model.pt").read_bytes() != b"precious"
 
@@ -346,14 +347,14 @@ def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_p
         num_workers=0,
     )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
-        "discriminator.pt",
+        "discriminator",  # discriminator.pt, out of models/*.pt, which MONAI Label offers as models
         "model.pt",
         "model_settings.json",
         "resume",
     ]
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
-    disc = torch.load(ckpt_dir / "discriminator.pt", weights_only=True)["discriminators"]
+    disc = torch.load(ckpt_dir / "discriminator" / "discriminator.pt", weights_only=True)["discriminators"]
     assert disc and not any(".module." in k or k.startswith("module.") for k in disc)
 
 
@@ -382,4 +383,4 @@ def test_each_method_override_trains(method, teacher_run, tmp_path):
     assert all(f"train_{name}" in trainer.state.metrics for name in terms)
     assert all(np.isfinite(v) for v in trainer.state.metrics.values())
     assert (tmp_path / "model.pt").is_file()
-    assert (tmp_path / "discriminator.pt").is_file() == (method in ADVERSARIAL)
+    assert (tmp_path / "discriminator" / "discriminator.pt").is_file() == (method in ADVERSARIAL)
