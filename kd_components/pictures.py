@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
+from kd_components.engines.epoch_means import EpochMeans
 from kd_components.progress import loss_scalars
 
 __all__ = ["LossCurves", "OverlaySaver", "log_artifacts_to_mlflow", "optional_teacher", "overlay_panels"]
@@ -91,8 +92,7 @@ class LossCurves:
         self.name = name
         self.stage = stage
         self.history: dict[str, list[tuple[int, float]]] = {}
-        self._sums: dict[str, float] = {}
-        self._count = 0
+        self._means = EpochMeans(prefix="")
         self._run_ids: list[str] = []
 
     @property
@@ -119,18 +119,16 @@ class LossCurves:
         engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def _epoch_started(self, engine: Engine) -> None:
-        self._sums, self._count = {}, 0
+        self._means.reset()
         self._run_ids = self._run_ids or _remember_runs(engine)
 
     def _iteration_completed(self, engine: Engine) -> None:
-        for key, value in loss_scalars(engine.state.output).items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += 1
+        self._means.add({key: torch.tensor(value) for key, value in loss_scalars(engine.state.output).items()})
 
     def _epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        for key, value in self._sums.items():
-            self.history.setdefault(key, []).append((epoch, value / max(self._count, 1)))
+        for key, value in self._means.means().items():
+            self.history.setdefault(key, []).append((epoch, value))
         if self.validator is not None:
             for key, value in self.validator.state.metrics.items():
                 if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import torch
 from ignite.engine import Engine, Events
 
+from kd_components.engines.epoch_means import EpochMeans
 from kd_components.handlers import _scalars
 
 __all__ = ["TrainingProgress", "format_duration", "loss_scalars"]
@@ -84,8 +85,7 @@ class TrainingProgress:
         self.validator = validator
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)()) if interactive is None else interactive
-        self._sums: dict[str, float] = {}
-        self._count = 0
+        self._means = EpochMeans(prefix="")
         self._epoch_start = 0.0
         self._run_start = 0.0
         self._first_epoch = 1
@@ -118,17 +118,15 @@ class TrainingProgress:
         self._first_epoch = engine.state.epoch + 1  # a resumed run starts after its saved epoch
 
     def _epoch_started(self, engine: Engine) -> None:
-        self._sums, self._count = {}, 0
+        self._means.reset()
         self._epoch_start = time.perf_counter()
 
     def _iteration_completed(self, engine: Engine) -> None:
-        for key, value in loss_scalars(engine.state.output).items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += 1
+        self._means.add({key: torch.tensor(value) for key, value in loss_scalars(engine.state.output).items()})
 
     def epoch_means(self) -> dict[str, float]:
         """The mean of each loss over the current epoch's iterations so far."""
-        return {key: value / max(self._count, 1) for key, value in self._sums.items()}
+        return self._means.means()
 
     def _epoch_completed(self, engine: Engine) -> None:
         self.lines.append(self.epoch_line(engine))
