@@ -22,6 +22,21 @@ Runs and files
     ``teacher``, ``paraphraser``, ``<method> seed<k>``), with its test metrics and ``result.json``; one more run,
     ``comparison``, holds ``results.md``, ``results.json`` and the plots.
 
+Ensemble teacher (``--teacher_ckpt a.pt b.pt c.pt``)
+    Several checkpoints of the bundle's ``teacher_def`` (e.g. teachers trained with different seeds or folds) make
+    one teacher, :func:`kd_components.load_ensemble_teacher`: the mean of the members' logits, with the feature taps
+    of the first member (``tap_member=0``). Every job then uses the ensemble where the bundle's config has a
+    teacher (a method that sets ``"teacher": null``, e.g. ``none``, keeps none): the students distil from it, the
+    paraphrasers are trained on it, and the teacher job evaluates the ensemble itself (the bundle's
+    ``evaluate.json`` with its ``network`` overridden by the ensemble and its ``CheckpointLoader`` of ``@network``
+    disabled, so any bundle works), so the table's teacher row and teacher–student gap are the ensemble's. Its
+    ``params`` are those of every member together. The overlays of the students' evaluations still draw the first
+    member as their teacher panel. A single ``--teacher_ckpt`` is the plain teacher, as before::
+
+        python scripts/compare_methods.py --bundle polyp_kdas --methods none kdas --seeds 0 1 2 \\
+            --dataset_dir data/kvasir --out outputs/cmp_ensemble \\
+            --teacher_ckpt teachers/seed0/teacher.pt teachers/seed1/teacher.pt teachers/seed2/teacher.pt
+
 The table (``results.md``, one section per evaluated set)
     - every metric (Dice per class, mean Dice, IoU, HD95, extra metrics such as clDice) as mean ± sd over seeds of
       each run's mean over the cases;
@@ -137,6 +152,8 @@ __all__ = [
     "evaluate_stage",
     "make_plan",
     "read_plan",
+    "teacher_checkpoints",
+    "ensemble_overrides",
     "plan_jobs",
     "job_command",
     "job_dir",
@@ -357,8 +374,12 @@ def _parameters(bundle: Path, net_id: str, **override: Any) -> int:
     return sum(p.numel() for p in parser.get_parsed_content(net_id, instantiate=True).parameters())
 
 
-def _weights_digest(path: Path) -> str | None:
-    """MD5 of the tensors of a saved state dict (key order and values), or None when the file is missing."""
+def _weights_digest(path: Path | Sequence[Path]) -> str | None:
+    """MD5 of the tensors of a saved state dict (key order and values), or None when the file is missing; for
+    several files (an ensemble's members), the MD5 of their digests in order."""
+    if not isinstance(path, Path):
+        digests = [_weights_digest(p) for p in path]
+        return None if None in digests else hashlib.md5(" ".join(digests).encode()).hexdigest()
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -527,7 +548,7 @@ def make_plan(
     dataset_dir: str | Path,
     out: str | Path,
     seeds: Sequence[int] | None = None,
-    teacher_ckpt: str | Path | None = None,
+    teacher_ckpt: str | Path | Sequence[str | Path] | None = None,
     teacher_epochs: int | None = None,
     track: bool = True,
     paraphraser_dir: str | Path | None = None,
@@ -547,7 +568,9 @@ def make_plan(
         out: the output folder.
         seeds: the students' seeds (one run per method and seed); None: the ``seed`` override, else 0. The teacher
             and paraphrasers are trained once, with the first seed.
-        teacher_ckpt: an already trained teacher; trained into ``<out>/teacher`` when None.
+        teacher_ckpt: an already trained teacher, or several checkpoints of ``teacher_def`` that make an ensemble
+            teacher (see :func:`ensemble_overrides`); trained into ``<out>/teacher`` when None. The plan's
+            ``teacher_ckpt`` is one path (a single checkpoint, as in earlier plans) or a list of paths (an ensemble).
         teacher_epochs: the teacher's epochs (default: the same as the students').
         track: record each training as an MLflow run in the experiment ``compare_<bundle>``.
         paraphraser_dir: paraphrasers already trained for this teacher; when None and the bundle has a
@@ -584,10 +607,21 @@ def make_plan(
     }
     for name, folder in _parse_eval_sets(eval_sets).items():
         sets[name] = _eval_set_entry(name, folder, out)
-    trained_teacher = teacher_ckpt is None
-    teacher_path = out / "teacher" / "models" / "teacher.pt" if trained_teacher else Path(teacher_ckpt).resolve()
-    if not trained_teacher and not teacher_path.is_file():
-        raise SystemExit(f"teacher checkpoint {teacher_path} not found: train it first or omit --teacher_ckpt")
+    if isinstance(teacher_ckpt, (str, Path)):
+        teacher_ckpt = [teacher_ckpt]
+    trained_teacher = teacher_ckpt is None or len(teacher_ckpt) == 0
+    if trained_teacher:
+        teacher_paths = [out / "teacher" / "models" / "teacher.pt"]
+    else:
+        teacher_paths = [Path(p).resolve() for p in teacher_ckpt]
+        for i, path in enumerate(teacher_paths):
+            if not path.is_file():
+                which = f"teacher checkpoint {path}" if len(teacher_paths) == 1 else f"ensemble member {i} {path}"
+                raise SystemExit(f"{which} not found: train it first or omit --teacher_ckpt")
+        repeated = sorted({str(p) for p in teacher_paths if teacher_paths.count(p) > 1})
+        if repeated:
+            raise SystemExit(f"--teacher_ckpt lists {repeated} more than once: give each ensemble member once")
+    teacher_path = teacher_paths[0]
     train_paraphraser = paraphraser_dir is None and (bundle / "configs" / PARAPHRASER_CONFIG).is_file()
     if train_paraphraser:
         paraphraser_dir = teacher_path.parent if trained_teacher else out / "paraphraser" / "models"
@@ -596,7 +630,8 @@ def make_plan(
         "methods": methods,
         "seeds": seeds,
         "sets": sets,
-        "teacher_ckpt": str(teacher_path),
+        # one path: the plain teacher (the format of earlier plans); several: an ensemble of those checkpoints
+        "teacher_ckpt": str(teacher_path) if len(teacher_paths) == 1 else [str(p) for p in teacher_paths],
         "train_teacher": trained_teacher,
         "teacher_epochs": teacher_epochs,
         "paraphraser_dir": None if paraphraser_dir is None else str(Path(paraphraser_dir).resolve()),
@@ -627,6 +662,61 @@ def read_plan(out: str | Path) -> dict[str, Any]:
             f"no {PLAN_FILE} in {path.parent}: write one with --plan (or run the comparison once without --plan)"
         )
     return json.loads(path.read_text())
+
+
+def teacher_checkpoints(plan: Mapping[str, Any]) -> list[Path]:
+    """The teacher checkpoint(s) of a plan: one path for a plain teacher, several for an ensemble teacher.
+
+    Args:
+        plan: a plan from :func:`make_plan` / :func:`read_plan` (its ``teacher_ckpt`` is a path or a list of paths).
+    """
+    value = plan["teacher_ckpt"]
+    return [Path(value)] if isinstance(value, str) else [Path(p) for p in value]
+
+
+def _is_ensemble(plan: Mapping[str, Any]) -> bool:
+    return len(teacher_checkpoints(plan)) > 1
+
+
+def ensemble_overrides(
+    bundle: Path, names: Sequence[str], checkpoints: Sequence[str | Path], evaluated: bool = False
+) -> dict[str, Any]:
+    """Config overrides that make the ensemble of ``checkpoints`` the teacher of a bundle's stage.
+
+    The bundle's ``teacher`` becomes ``kd_components.load_ensemble_teacher(@teacher_def, [checkpoints], @device,
+    tap_member=0, hint=@teacher_hint)`` (the mean of the members' logits, the first member's feature taps), unless
+    the merged configs set ``"teacher": null`` (the student alone keeps no teacher). With ``evaluated``, the
+    ensemble is also the network that ``evaluate.json`` evaluates: ``network`` is overridden by it, and each
+    ``CheckpointLoader`` of ``validate#handlers`` that loads into ``@network`` is disabled (``_disabled_``: the
+    members are loaded from their own files; one file loaded into the ensemble would not fit it).
+
+    Args:
+        bundle: the bundle folder.
+        names: the stage's config files under ``configs/`` (``evaluate.json`` is appended with ``evaluated``).
+        checkpoints: the members' state-dict files of ``teacher_def``, tap member first.
+        evaluated: override the evaluated network too (the teacher job's evaluation of the ensemble).
+
+    Returns:
+        ``{"teacher": ...}`` (or ``{}`` when the configs set no teacher), and with ``evaluated`` also
+        ``{"network": ..., "validate#handlers#<i>#_disabled_": True}``.
+    """
+    members = repr([str(p) for p in checkpoints])
+    ensemble = (
+        f"$kd_components.load_ensemble_teacher(@teacher_def, {members}, @device, tap_member=0, hint=@teacher_hint)"
+    )
+    configs = [*names, "evaluate.json"] if evaluated else list(names)
+    parser = _workflow(bundle, configs, "eval" if evaluated else "train").parser
+    override: dict[str, Any] = {} if parser.get("teacher", "") is None else {"teacher": ensemble}
+    if not evaluated:
+        return override
+    override["network"] = ensemble
+    handlers = parser.get("validate#handlers", [])
+    for i, handler in enumerate(handlers if isinstance(handlers, list) else []):
+        target = str(handler.get("_target_", "")) if isinstance(handler, Mapping) else ""
+        load_dict = handler.get("load_dict") if isinstance(handler, Mapping) else None
+        if target.rsplit(".", 1)[-1] == "CheckpointLoader" and "@network" in dict(load_dict or {}).values():
+            override[f"validate#handlers#{i}#_disabled_"] = True
+    return override
 
 
 def plan_jobs(plan: Mapping[str, Any]) -> list[str]:
@@ -734,7 +824,9 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
 
     ``teacher``: trains the teacher (unless the plan reuses one) and the paraphrasers (when the bundle has them and
     the plan does not reuse them), then evaluates the teacher on every set. ``<method>:<seed>``: trains the student
-    with that method and seed (into ``<out>/<method>/seed<k>/``) and evaluates it on every set.
+    with that method and seed (into ``<out>/<method>/seed<k>/``) and evaluates it on every set. With several
+    teacher checkpoints in the plan, the teacher is their ensemble (:func:`ensemble_overrides`) in every stage,
+    and the teacher job evaluates the ensemble.
 
     Args:
         out: the comparison's output folder (holding ``plan.json``).
@@ -754,7 +846,9 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
         _experiment_id(tracking, Path(plan["out"]) / "mlruns")
     primary = plan["sets"][PRIMARY_SET]
     common = {"dataset_dir": primary["dataset_dir"], **plan["override"]}
-    teacher_ckpt = Path(plan["teacher_ckpt"])
+    members = teacher_checkpoints(plan)
+    teacher_ckpt = members[0]  # the plain teacher, or the ensemble's tap member
+    ensemble = _is_ensemble(plan)
     tags = {"bundle": plan["bundle"], "job": job, "plan": plan["plan_id"]}
     run_id = None
     with _reproducible(plan["deterministic"], threads):
@@ -772,8 +866,9 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
                     **{**common, **epochs, "ckpt_dir": str(teacher_ckpt.parent), "output_dir": str(run_dir / "eval")},
                 )
                 run_id = _latest_run(tracking, "teacher") if tracking else None
-            if not teacher_ckpt.is_file():
-                raise SystemExit(f"teacher checkpoint {teacher_ckpt} not found: train it first or omit --teacher_ckpt")
+            for path in members:
+                if not path.is_file():
+                    raise SystemExit(f"teacher checkpoint {path} not found: train it first or omit --teacher_ckpt")
             if plan["train_paraphraser"]:
                 paraphraser_dir = Path(plan["paraphraser_dir"])
                 paraphraser_dir.mkdir(parents=True, exist_ok=True)
@@ -784,6 +879,7 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
                     **{
                         **common,
                         "teacher_ckpt": str(teacher_ckpt),
+                        **(ensemble_overrides(bundle, ["train.json", PARAPHRASER_CONFIG], members) if ensemble else {}),
                         "ckpt_dir": str(paraphraser_dir),
                         "paraphraser_dir": str(paraphraser_dir),  # where the bundles' stage writes them
                         "output_dir": str(Path(plan["out"]) / "paraphraser" / "eval"),
@@ -794,13 +890,17 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
                         tracking, _latest_run(tracking, "paraphraser"), {**tags, "method": "paraphraser", "seed": seed}
                     )
             stage = {**common, "ckpt_dir": str(teacher_ckpt.parent), "ckpt_name": teacher_ckpt.name}
+            if ensemble:  # the evaluated network is the ensemble, built from its members' files
+                stage.update(ensemble_overrides(bundle, names, members, evaluated=True))
             sets = _evaluate_sets(plan, bundle, names, run_dir, stage)
-            params = _parameters(bundle, "teacher_def", **common)
-            weights = teacher_ckpt
+            params = _parameters(bundle, "teacher_def", **common) * len(members)
+            weights = members if ensemble else teacher_ckpt
             model = TEACHER_JOB
         else:
             names = method_configs(bundle, method)
             shared = {"teacher_ckpt": str(teacher_ckpt)}
+            if ensemble:
+                shared.update(ensemble_overrides(bundle, names, members))
             if plan["paraphraser_dir"] is not None:
                 shared["paraphraser_dir"] = plan["paraphraser_dir"]
             stage = {**common, **shared, "seed": seed, "ckpt_dir": str(run_dir / "models")}
@@ -824,7 +924,7 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
             "seed": seed if (method != TEACHER_JOB or plan["train_teacher"]) else None,
             "params": params,
             "train_s": train_s,
-            "weights": str(weights),
+            "weights": [str(w) for w in weights] if isinstance(weights, list) else str(weights),
             "weights_md5": _weights_digest(weights),
             "environment": _environment(),
             "sets": sets,
@@ -1251,10 +1351,16 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     rows = results["rows"]
     unit = plan["hd95_unit"]
     budget = ", ".join(f"{k}={json.dumps(v)}" for k, v in plan["override"].items()) or "the bundle's defaults"
+    members = teacher_checkpoints(plan)
+    teacher = (
+        f"an ensemble of {len(members)} (mean of logits, feature taps of the first): {', '.join(map(str, members))}"
+        if len(members) > 1
+        else str(members[0])
+    )
     lines = [
         f"# {plan['bundle']}: {', '.join(plan['methods'])} (seeds {plan['seeds']})",
         "",
-        f"Teacher: {plan['teacher_ckpt']}"
+        f"Teacher: {teacher}"
         + (" (trained here, first seed)" if plan["train_teacher"] else " (given)")
         + f"; settings: {budget}"
         + (f", teacher epochs {plan['teacher_epochs']}" if plan["teacher_epochs"] else "")
@@ -1436,7 +1542,7 @@ def compare(
     methods: Sequence[str],
     dataset_dir: str | Path,
     out: str | Path,
-    teacher_ckpt: str | Path | None = None,
+    teacher_ckpt: str | Path | Sequence[str | Path] | None = None,
     teacher_epochs: int | None = None,
     track: bool = True,
     paraphraser_dir: str | Path | None = None,
@@ -1454,7 +1560,8 @@ def compare(
         methods: method names (``configs/methods/<name>.json``); ``none`` trains the student alone.
         dataset_dir: the prepared data folder (holding ``datalist.json``).
         out: output folder: one sub-folder per model and seed, ``results.md``, ``results.json``, ``mlruns.db``.
-        teacher_ckpt: an already trained teacher; trained into ``<out>/teacher`` when None.
+        teacher_ckpt: an already trained teacher, or several checkpoints of it that make an ensemble teacher;
+            trained into ``<out>/teacher`` when None.
         teacher_epochs: the teacher's epochs (default: the same as the students').
         track: record each training as an MLflow run in the experiment ``compare_<bundle>``.
         paraphraser_dir: paraphrasers already trained for this teacher; when None and the bundle has a
@@ -1540,7 +1647,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one student run per method and seed")
     parser.add_argument("--seed", type=int, default=None, help="a single seed (same as --seeds K; default 0)")
-    parser.add_argument("--teacher_ckpt", default=None, help="a trained teacher (skips teacher training)")
+    parser.add_argument(
+        "--teacher_ckpt",
+        nargs="+",
+        default=None,
+        help="a trained teacher (skips teacher training); several checkpoints: their ensemble is the teacher "
+        "(mean of logits, feature taps of the first)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every student (default: the bundle's)")
     parser.add_argument("--teacher_epochs", type=int, default=None, help="epochs of the teacher")
     parser.add_argument("--paraphraser_dir", default=None, help="paraphrasers already trained for this teacher")

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from kd_components.data.synthetic import make_synthetic_polyps
+from kd_components.ensemble import EnsembleTeacher
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -433,3 +434,131 @@ def test_empty_predictions_are_counted_and_penalised_with_the_diagonal(tmp_path)
         assert value == pytest.approx(diagonal) if polyp else math.isnan(value)
     assert per_case["hd95_nonfinite"] == has_polyp.count(False)
     assert result["hd95"] == pytest.approx(diagonal)  # the mean no longer drops the missed cases
+
+
+def _teacher_files(root: Path) -> dict[str, Path]:
+    """Two checkpoints of polyp_kdas's teacher_def with the same random features: ``zero`` (an output block of
+    zeros: equal logits, nothing predicted) and ``polyp`` (a last bias that predicts the polyp everywhere)."""
+    root.mkdir(parents=True, exist_ok=True)
+    teacher = compare_methods._workflow(POLYP, ["train.json"], "train").parser.get_parsed_content("teacher_def")
+    with torch.no_grad():
+        for parameter in teacher.model[2].parameters():  # the last up-sampling block and its residual unit
+            parameter.zero_()
+    zero = teacher.state_dict()
+    polyp = {**zero, "model.2.1.conv.unit0.conv.bias": torch.tensor([-20.0, 20.0])}
+    files = {"zero": root / "zero.pt", "polyp": root / "polyp.pt"}
+    torch.save(zero, files["zero"])
+    torch.save(polyp, files["polyp"])
+    return files
+
+
+def test_several_teacher_checkpoints_make_an_ensemble_plan_and_one_keeps_the_earlier_format(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
+    files = _teacher_files(tmp_path / "teachers")
+    out = tmp_path / "out"
+    members = [str(files["zero"]), str(files["polyp"])]
+    common = ["--bundle", "polyp_kdas", "--methods", "none", "kdas", "--dataset_dir", str(data), "--out", str(out)]
+    assert compare_methods.main([*common, "--teacher_ckpt", *members, "--no_mlflow", "--plan"]) == 0
+    plan = compare_methods.read_plan(out)
+    assert plan["teacher_ckpt"] == members and plan["train_teacher"] is False
+    assert compare_methods.teacher_checkpoints(plan) == [files["zero"], files["polyp"]]
+    assert compare_methods.plan_jobs(plan) == ["teacher", "none:0", "kdas:0"]
+    report = compare_methods.markdown_report(compare_methods.collect(out, write=False))
+    assert f"Teacher: an ensemble of 2 (mean of logits, feature taps of the first): {', '.join(members)}" in report
+
+    single = compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "one", teacher_ckpt=[files["zero"]])
+    assert single["teacher_ckpt"] == str(files["zero"])  # a plain path, as in plans written before ensembles
+    assert compare_methods.teacher_checkpoints(single) == [files["zero"]]
+    with pytest.raises(SystemExit, match=r"ensemble member 1 .*missing\.pt not found"):
+        compare_methods.make_plan(
+            "polyp_kdas", ["none"], data, tmp_path / "bad", teacher_ckpt=[files["zero"], tmp_path / "missing.pt"]
+        )
+    with pytest.raises(SystemExit, match="more than once"):
+        compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "bad", teacher_ckpt=[files["zero"]] * 2)
+
+
+def test_ensemble_overrides_replace_the_teacher_unless_the_method_has_none():
+    members = ["/t/a.pt", "/t/b.pt"]
+    kdas = compare_methods.ensemble_overrides(POLYP, compare_methods.method_configs(POLYP, "kdas"), members)
+    assert kdas == {
+        "teacher": "$kd_components.load_ensemble_teacher(@teacher_def, ['/t/a.pt', '/t/b.pt'], @device, "
+        "tap_member=0, hint=@teacher_hint)"
+    }
+    assert compare_methods.ensemble_overrides(POLYP, compare_methods.method_configs(POLYP, "none"), members) == {}
+    evaluated = compare_methods.ensemble_overrides(POLYP, ["train.json", "train_teacher.json"], members, True)
+    assert evaluated["network"] == kdas["teacher"]
+    handlers = json.loads((POLYP / "configs" / "evaluate.json").read_text())["validate#handlers"]
+    loader = next(i for i, h in enumerate(handlers) if h["_target_"] == "CheckpointLoader")
+    assert {k for k in evaluated if k.endswith("_disabled_")} == {f"validate#handlers#{loader}#_disabled_"}
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory) -> dict:
+    """A comparison whose teacher is the ensemble of a network predicting nothing (the tap member) and one
+    predicting the polyp everywhere: the teacher job and a KDAS student distilled from the ensemble."""
+    root = tmp_path_factory.mktemp("ensemble")
+    data = root / "data"
+    make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
+    files = _teacher_files(root / "teachers")
+    fast = {"epochs": 1, "image_size": [32, 32], "batch_size": 4, "num_workers": 0}
+    plan = compare_methods.make_plan(
+        "polyp_kdas", ["kdas"], data, root / "out", teacher_ckpt=[files["zero"], files["polyp"]], track=False, **fast
+    )
+    teacher = compare_methods.run_job(plan["out"], "teacher")
+    student = compare_methods.run_job(plan["out"], "kdas:0")
+    return {"root": root, "data": data, "files": files, "plan": plan, "teacher": teacher, "student": student}
+
+
+def test_the_teacher_job_evaluates_the_ensemble_not_its_first_member(ensemble_run):
+    data, files, teacher = ensemble_run["data"], ensemble_run["files"], ensemble_run["teacher"]
+    fast = {"image_size": [32, 32], "num_workers": 0, "dataset_dir": str(data)}
+    alone = {}
+    for name in ("zero", "polyp"):
+        alone[name] = compare_methods.evaluate_stage(
+            POLYP,
+            ["train.json", "train_teacher.json"],
+            ensemble_run["root"] / f"eval_{name}",
+            case_root=data,
+            ckpt_dir=str(files[name].parent),
+            ckpt_name=files[name].name,
+            **fast,
+        )
+    assert alone["zero"]["mean_dice"] == 0.0 and alone["polyp"]["mean_dice"] > 0.0
+    # mean of logits: (0 + polyp logits) / 2 predicts what the polyp member predicts, not the empty tap member
+    ensemble = teacher["sets"]["test"]
+    assert ensemble["per_case"]["cases"] == alone["polyp"]["per_case"]["cases"]
+    assert ensemble["per_case"]["metrics"]["mean_dice"] == pytest.approx(
+        alone["polyp"]["per_case"]["metrics"]["mean_dice"]
+    )
+    single = compare_methods._parameters(POLYP, "teacher_def")
+    assert teacher["params"] == 2 * single
+    assert teacher["weights"] == [str(files["zero"]), str(files["polyp"])]
+    assert teacher["weights_md5"] not in (None, compare_methods._weights_digest(files["zero"]))
+
+
+def test_a_student_job_distils_from_the_ensemble(ensemble_run):
+    plan, files = ensemble_run["plan"], ensemble_run["files"]
+    names = compare_methods.method_configs(POLYP, "kdas")
+    stage = {
+        **plan["override"],
+        "dataset_dir": plan["sets"]["test"]["dataset_dir"],
+        "teacher_ckpt": str(files["zero"]),
+        **compare_methods.ensemble_overrides(POLYP, names, compare_methods.teacher_checkpoints(plan)),
+    }
+    teacher = compare_methods._workflow(POLYP, names, "train", **stage).parser.get_parsed_content("teacher")
+    assert isinstance(teacher, EnsembleTeacher) and teacher.num_members == 2 and teacher.tap_member == 0
+    student = ensemble_run["student"]
+    assert student["model"] == "student: kdas" and 0.0 <= student["sets"]["test"]["mean_dice"] <= 1.0
+    assert Path(student["weights"]).is_file()
+    rows = compare_methods.collect(plan["out"], write=False)["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "student: kdas"] and rows[0]["params"] == ensemble_run["teacher"][
+        "params"
+    ]
+    files["polyp"].rename(files["polyp"].with_suffix(".gone"))  # the student job loads every member
+    try:
+        with pytest.raises(RuntimeError) as failed:  # MONAI's config error, caused by the loader's
+            compare_methods.run_job(plan["out"], "kdas:0")
+        assert "ensemble teacher member 1 of 2" in str(failed.value.__cause__)
+    finally:
+        files["polyp"].with_suffix(".gone").rename(files["polyp"])
