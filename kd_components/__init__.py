@@ -4,7 +4,9 @@ The pieces a bundle config instantiates:
 
 - :class:`FeatureTaps`: record the outputs of named submodules of any network;
 - :class:`FeatureAdapter`: align a student feature to a teacher feature (channels and size, 2D/3D);
-- :class:`DistillationTerm` and :class:`Distiller`: a distillation setup as a list of weighted loss terms;
+- :class:`DistillationTerm` and :class:`Distiller`: a distillation setup as a list of weighted loss terms, with
+  two parameter groups: ``student_parameters()`` (adapters, trained with the student) and ``discriminators()``
+  (the adversarial terms' discriminators, trained in their own step);
 - :class:`DistillationTrainer` (:mod:`kd_components.engines`): MONAI's ``SupervisedTrainer`` with a frozen teacher
   and those terms, the one trainer of every method: adversarial terms bring their discriminator step, a per-sample
   labelled mask handles semi-supervised batches, no terms trains the student alone (optionally balancing the
@@ -12,7 +14,6 @@ The pieces a bundle config instantiates:
 - :class:`EnsembleTeacher` and :func:`load_ensemble_teacher`: several teacher checkpoints averaged into one teacher;
 - :func:`load_bundle_teacher`: any MONAI bundle (e.g. from the model zoo) as the teacher, checked against the
   student's task;
-- :class:`DiscriminatorBank`, :class:`AdversarialState`: the discriminators of adversarial terms, checkpointable;
 - :class:`ParaphraserTrainer` and :func:`load_paraphraser_encoder`: Factor Transfer's paraphraser stage;
 - :func:`split_labelled`, :class:`PlaceholderLabeld`: KD on unlabelled samples, supervision on the labelled ones
   (``DistillationTrainer(..., semi_supervised=True)``); ``AdversarialDistillationTrainer``,
@@ -39,8 +40,6 @@ from kd_components.distiller import Distiller
 from kd_components.engines import (
     BALANCED_WEIGHTS_KEY,
     SUPERVISED,
-    AdversarialState,
-    DiscriminatorBank,
     DistillationTrainer,
     EpochMeans,
     FrozenEncoder,
@@ -96,8 +95,6 @@ __all__ = [
     "load_bundle_teacher",
     "BundleTeacherError",
     "AdversarialDistillationTrainer",
-    "AdversarialState",
-    "DiscriminatorBank",
     "ParaphraserTrainer",
     "FrozenEncoder",
     "load_paraphraser_encoder",

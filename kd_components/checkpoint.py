@@ -275,11 +275,11 @@ RESUMABLE_ATTRIBUTES = (
     "optimizer",
     "scaler",
     "distiller",
-    "discriminators",
     "discriminator_optimizer",
     "discriminator_scaler",
 )
-"""Attributes of a trainer that :class:`TrainingStateCheckpoint` saves and restores when present."""
+"""Attributes of a trainer that :class:`TrainingStateCheckpoint` saves and restores when present (the distiller's
+state holds the adversarial terms' discriminators)."""
 
 
 def _handler_owners(engine: Engine) -> list[Any]:
@@ -340,8 +340,8 @@ class TrainingStateCheckpoint:
     """Save a trainer's full state at the end of every epoch, and resume from it.
 
     What is saved (atomically, to ``path``, separate from the best-model file): every attribute of the trainer
-    named in :data:`RESUMABLE_ATTRIBUTES` that exists (student, optimizer, AMP scaler, distiller with its adapters,
-    discriminators with their optimizer and scaler), the objects in ``save_dict``, the engine's epoch and
+    named in :data:`RESUMABLE_ATTRIBUTES` that exists (student, optimizer, AMP scaler, distiller with its adapters
+    and discriminators, the discriminators' optimizer and scaler), the objects in ``save_dict``, the engine's epoch and
     iteration and its ``state_dict_user_keys`` (e.g. frozen balanced term weights), the RNG states, and, for each
     validator of a ``ValidationHandler``, its best metric and the best-model tracking of its
     :class:`AtomicCheckpointSaver` (so a resumed run does not overwrite a better model).

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kd_components.adapters import FeatureAdapter
+from kd_components.losses.adversarial import AdversarialDistillationLoss
 from kd_components.taps import FeatureTaps, eval_mode, unwrap_network
 from kd_components.terms import DistillationTerm
 
@@ -18,9 +19,11 @@ class Distiller(nn.Module):
     """Hold the distillation terms of a run and compute them from the student's and teacher's tensors.
 
     The distiller owns every trainable module of the distillation (automatic adapters, translators, generators
-    inside losses) but never the student or the teacher: ``distiller.parameters()`` is exactly what must be
-    added to the student's optimizer. It does not run the networks either; :class:`DistillationTrainer` does,
-    once per step, and hands the outputs and taps to :meth:`forward`.
+    inside losses, the discriminators of adversarial terms) but never the student or the teacher. Its parameters
+    form two groups: :meth:`student_parameters` (everything but the discriminators) is what must be added to the
+    student's optimizer; :meth:`discriminators` are trained in their own step, by their own optimizer. It does not
+    run the networks either; :class:`DistillationTrainer` does, once per step, and hands the outputs and taps to
+    :meth:`forward`.
 
     Automatic adapters (a term's ``align``) need the channel counts of the tensors they connect. They are found
     by one forward pass of each network on zeros of ``example_input_shape`` when the distiller is built. The same
@@ -58,6 +61,34 @@ class Distiller(nn.Module):
     def uses(self, kind: str) -> bool:
         """Whether any term reads the output or a tap of ``kind``."""
         return any(term.uses(kind) for term in self.terms)
+
+    def adversarial_terms(self) -> list[DistillationTerm]:
+        """The terms whose loss is an :class:`~kd_components.losses.AdversarialDistillationLoss`."""
+        return [t for t in self.terms if isinstance(t.loss, AdversarialDistillationLoss)]
+
+    def discriminators(self) -> nn.ModuleDict:
+        """The discriminators of the adversarial terms, ``{term name: discriminator}``, for their own step.
+
+        A view, not a copy: the modules are the terms' own (any ``DistributedDataParallel`` wrapper removed, so the
+        state dict keys are ``"<term>.<parameter>"`` with or without DDP). Its ``parameters()`` are the
+        discriminators' parameter group and its ``state_dict()`` is the discriminator checkpoint's
+        ``"discriminators"`` entry.
+        """
+        return nn.ModuleDict({t.name: unwrap_network(t.loss.discriminator) for t in self.adversarial_terms()})
+
+    def named_student_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters the student's optimizer trains, with their names: the distiller's, less the
+        discriminators' (see :meth:`student_parameters`)."""
+        held = {id(p) for p in self.discriminators().parameters()}
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in held]
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters to add to the student's optimizer: adapters, translators, generators inside
+        losses; never a discriminator (trained by its own optimizer) nor a frozen module.
+
+        Config: ``"params": "$list(@network.parameters()) + @distill#distiller.student_parameters()"``.
+        """
+        return [p for _, p in self.named_student_parameters()]
 
     def _build_adapters(
         self, student: nn.Module | None, teacher: nn.Module | None, example_input_shape: Sequence[int] | None

@@ -252,12 +252,19 @@ def make_inputs(spec: LossSpec, shape: Shape, device: torch.device, seed: int = 
     return out
 
 
+def _trainable(spec: LossSpec, loss: nn.Module) -> list[nn.Parameter]:
+    """The parameters the measured step trains: the discriminator's in the discriminator step, otherwise the loss's
+    own less an adversarial loss's discriminator (trained in its own step, not by the student's optimizer)."""
+    discriminator = getattr(loss, "discriminator", None)
+    if spec.inputs == "discriminator":
+        return list(discriminator.parameters())
+    own_step = {id(p) for p in discriminator.parameters()} if discriminator is not None else set()
+    return [p for p in loss.parameters() if p.requires_grad and id(p) not in own_step]
+
+
 def _step(spec: LossSpec, loss: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
     """Forward + backward of the loss (of the discriminator step for ``"discriminator"``), gradients dropped."""
-    params = [p for p in loss.parameters() if p.requires_grad]
-    if spec.inputs == "discriminator":
-        params = list(loss.discriminator.parameters())
-    leaves = [x for x in inputs.values() if x.requires_grad] + params
+    leaves = [x for x in inputs.values() if x.requires_grad] + _trainable(spec, loss)
 
     def run() -> None:
         if spec.inputs == "discriminator":
@@ -312,9 +319,7 @@ def run_spec(
         row["cost"] = spec.cost(shape, grid)
     loss = spec.build(shape, grid if grid != spec.default_grid else None).to(device)
     inputs = make_inputs(spec, shape, device)
-    row["trainable_params"] = sum(p.numel() for p in loss.parameters() if p.requires_grad)
-    if spec.inputs == "discriminator":
-        row["trainable_params"] = sum(p.numel() for p in loss.discriminator.parameters())
+    row["trainable_params"] = sum(p.numel() for p in _trainable(spec, loss))
     fn = _step(spec, loss, inputs)
     try:
         row["time"] = _time(fn, device, warmup, repeats)

@@ -18,11 +18,7 @@ from monai.networks.nets import UNet
 from torch.utils.data import DataLoader
 
 from kd_components import wrap_ddp_if_trainable
-from kd_components.adversarial_trainer import (
-    AdversarialDistillationTrainer,
-    DiscriminatorBank,
-    discriminator_value_name,
-)
+from kd_components.adversarial_trainer import AdversarialDistillationTrainer, discriminator_value_name
 from kd_components.distiller import Distiller
 from kd_components.engines import DistillationTrainer
 from kd_components.handlers import DiscriminatorCheckpointSaver
@@ -67,8 +63,8 @@ def build(
         DistillationTerm("logit", F.mse_loss, {"input": "student", "target": "teacher"}, weight=logit_weight),
     ]
     distiller = Distiller(terms)
-    bank = DiscriminatorBank(distiller)
-    optimizer = torch.optim.Adam([*student.parameters(), *distiller.parameters()], lr=lr)
+    bank = distiller.discriminators()
+    optimizer = torch.optim.Adam([*student.parameters(), *distiller.student_parameters()], lr=lr)
     d_optimizer = torch.optim.Adam(bank.parameters(), lr=lr_d, betas=(0.5, 0.9))
     trainer = AdversarialDistillationTrainer(
         device="cpu",
@@ -81,7 +77,6 @@ def build(
         distiller=distiller,
         discriminator_optimizer=d_optimizer,
         discriminator_steps=steps,
-        discriminators=bank,
         supervised_weight=supervised_weight,
         **kwargs,
     )
@@ -240,32 +235,115 @@ def test_checkpoint_round_trip_with_monai_handlers(tmp_path):
             assert torch.equal(torch.as_tensor(new["state"][idx][name]), torch.as_tensor(value)), (idx, name)
 
 
-def test_adversarial_state_round_trip(tmp_path):
+def test_discriminators_are_registered_submodules_with_their_own_parameter_group():
+    """.to(), .train()/.eval() and state_dict() of the distiller reach the discriminator; the student's optimizer
+    never holds a discriminator parameter, the discriminator optimizer holds exactly them."""
     kit = build(steps=1)
+    distiller = kit.trainer.distiller
+    d_params = {id(p) for p in kit.discriminator.parameters()}
+    assert d_params <= {id(p) for p in distiller.parameters()}
+    assert not d_params & {id(p) for p in distiller.student_parameters()}
+    student_opt = {id(p) for g in kit.trainer.optimizer.param_groups for p in g["params"]}
+    assert not d_params & student_opt
+    assert {id(p) for g in kit.trainer.discriminator_optimizer.param_groups for p in g["params"]} == d_params
+    assert kit.trainer.discriminators["adv"] is kit.discriminator
+    keys = {f"terms.0.loss.discriminator.{k}" for k in kit.discriminator.state_dict()}
+    assert keys <= set(distiller.state_dict())
+    distiller.eval()
+    assert not kit.discriminator.training
+    distiller.train()
+    assert kit.discriminator.training
+    distiller.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in kit.discriminator.parameters())
+
+
+def test_a_student_optimizer_holding_a_discriminator_is_refused_saying_what_to_build():
+    student, teacher, discriminator = networks()
+    distiller = Distiller([DistillationTerm("adv", AdversarialDistillationLoss(discriminator, "hinge"))])
+    with pytest.raises(ValueError, match=r"discriminator parameters are in the student optimizer.*student_parameters"):
+        DistillationTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=DataLoader(data(), batch_size=2),
+            network=student,
+            optimizer=torch.optim.SGD([*student.parameters(), *distiller.parameters()], lr=0.1),
+            loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+            teacher=teacher,
+            distiller=distiller,
+            discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        )
+
+
+def test_discriminator_checkpoint_keeps_its_format(tmp_path):
+    """``{"discriminators": {"<term>.<parameter>": ...}, "discriminator_optimizer": ...}``, the keys written before
+    the discriminators were registered in their losses; it loads into a fresh trainer's discriminators, and a file
+    of another discriminator is refused naming the mismatch."""
+    kit = build(steps=1)
+    DiscriminatorCheckpointSaver(str(tmp_path), "discriminator.pt").attach(kit.trainer)
     kit.trainer.run()
-    torch.save(kit.trainer.adversarial_state.state_dict(), tmp_path / "adv.pt")
+    saved = torch.load(tmp_path / "discriminator.pt", weights_only=True)
+    assert set(saved["discriminators"]) == {f"adv.{k}" for k in kit.discriminator.state_dict()}
     fresh = build(steps=1, seed=3)
-    fresh.trainer.adversarial_state.load_state_dict(torch.load(tmp_path / "adv.pt", weights_only=True))
+    trainer = fresh.trainer
+    objects = {"discriminators": trainer.discriminators, "discriminator_optimizer": trainer.discriminator_optimizer}
+    CheckpointLoader(str(tmp_path / "discriminator.pt"), objects)(trainer)
     for k, v in kit.discriminator.state_dict().items():
         assert torch.equal(fresh.discriminator.state_dict()[k], v), k
-    assert fresh.trainer.discriminator_optimizer.state_dict()["state"].keys() == {
-        *kit.trainer.discriminator_optimizer.state_dict()["state"]
-    }
+    saved["discriminators"] = {k.replace("adv.", "other.", 1): v for k, v in saved["discriminators"].items()}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*adv\."):
+        fresh.trainer.discriminators.load_state_dict(saved["discriminators"])
 
 
-def test_ddp_wrapped_discriminator():
+@pytest.fixture
+def process_group():
     store = tempfile.NamedTemporaryFile(delete=False)
     dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
-    try:
-        kit = build(objective="wgan-gp", steps=1, ddp=True)
-        assert isinstance(kit.adv.discriminator, torch.nn.parallel.DistributedDataParallel)
-        assert kit.bank["adv"] is kit.discriminator
-        before = snapshot(kit.discriminator)
-        kit.trainer.run()
-        assert any(not torch.equal(v, before[k]) for k, v in kit.discriminator.state_dict().items())
-        assert not any(k.startswith("module.") for k in kit.trainer.adversarial_state.state_dict()["discriminators"])
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_wrapped_discriminator(process_group):
+    kit = build(objective="wgan-gp", steps=1, ddp=True)
+    assert isinstance(kit.adv.discriminator, torch.nn.parallel.DistributedDataParallel)
+    assert kit.trainer.discriminators["adv"] is kit.discriminator
+    before = snapshot(kit.discriminator)
+    kit.trainer.run()
+    assert any(not torch.equal(v, before[k]) for k, v in kit.discriminator.state_dict().items())
+    assert not any(k.startswith("module.") or ".module." in k for k in kit.trainer.discriminators.state_dict())
+
+
+def test_ddp_distiller_syncs_the_adapters_and_leaves_the_discriminators_to_their_own_step(process_group):
+    """A DDP distiller holding a trainable adapter and a discriminator: DDP ignores the discriminator's parameters
+    and buffers (the student step gives them no gradient; their own DDP wrapper syncs their step)."""
+    student, teacher, discriminator = networks()
+    terms = [
+        DistillationTerm("adv", AdversarialDistillationLoss(wrap_ddp_if_trainable(discriminator, "cpu"), "wgan-gp")),
+        DistillationTerm("fitnet", F.mse_loss, {"input": "student", "target": "teacher"}, align={"input": "target"}),
+    ]
+    distiller = Distiller(terms, student, teacher, (1, 3, 16, 16))
+    wrapped = wrap_ddp_if_trainable(distiller, "cpu")
+    assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    ignored = set(wrapped.parameters_to_ignore)
+    assert {f"terms.0.loss.discriminator.module.{n}" for n, _ in discriminator.named_parameters()} <= ignored
+    assert not any(n.startswith("terms.1.") for n in ignored)
+    adapter_before = snapshot(terms[1].adapters)
+    d_before = snapshot(discriminator)
+    trainer = DistillationTrainer(
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=DataLoader(data(), batch_size=2),
+        network=student,
+        optimizer=torch.optim.Adam([*student.parameters(), *distiller.student_parameters()], lr=1e-3),
+        loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+        teacher=teacher,
+        distiller=wrapped,
+        discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+    )
+    trainer.run()  # 4 iterations: a discriminator in DDP's buckets would fail ("expected to finish reduction")
+    assert any(not torch.equal(v, adapter_before[k]) for k, v in terms[1].adapters.state_dict().items())
+    assert any(not torch.equal(v, d_before[k]) for k, v in discriminator.state_dict().items())
+    only_discriminators = Distiller([DistillationTerm("adv", AdversarialDistillationLoss(networks()[2], "hinge"))])
+    assert wrap_ddp_if_trainable(only_discriminators, "cpu") is only_discriminators  # nothing for DDP to sync
 
 
 def test_configuration_errors():
@@ -330,7 +408,7 @@ def _one_trainer(kit_args: dict | None = None, **trainer_kwargs) -> SimpleNamesp
         max_epochs=kit_args.get("epochs", 1),
         train_data_loader=DataLoader(data(), batch_size=2),
         network=student,
-        optimizer=torch.optim.Adam([*student.parameters(), *distiller.parameters()], lr=1e-3),
+        optimizer=torch.optim.Adam([*student.parameters(), *distiller.student_parameters()], lr=1e-3),
         loss_function=DiceLoss(to_onehot_y=True, softmax=True),
         teacher=teacher,
         distiller=distiller,

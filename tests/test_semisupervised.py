@@ -12,7 +12,6 @@ from monai.data import DataLoader, MetaTensor
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
 
-from kd_components.adversarial_trainer import DiscriminatorBank
 from kd_components.distiller import Distiller
 from kd_components.losses import AdversarialDistillationLoss
 from kd_components.modules import SelfAttentionDiscriminator
@@ -209,7 +208,7 @@ def test_semi_supervised_adversarial_trainer():
         DistillationTerm("logit", F.mse_loss, {"input": "student", "target": "teacher"}),
     ]
     distiller = Distiller(terms)
-    bank = DiscriminatorBank(distiller)
+    bank = distiller.discriminators()
     d_batches = {"adv": [], "asd": []}
     plain.register_forward_pre_hook(lambda _m, args: d_batches["adv"].append(args[0].shape[0]))
     conditioned.register_forward_pre_hook(lambda _m, args: d_batches["asd"].append(args[0].shape[0]))
@@ -223,7 +222,6 @@ def test_semi_supervised_adversarial_trainer():
         teacher=teacher,
         distiller=distiller,
         discriminator_optimizer=torch.optim.Adam(bank.parameters(), lr=1e-3),
-        discriminators=bank,
     )
     before = {k: v.clone() for k, v in bank.state_dict().items()}
     trainer.run()

@@ -2,16 +2,14 @@
 
 - :class:`DistillationTrainer`: every distillation (plain, adversarial, semi-supervised, none), MONAI's
   ``SupervisedTrainer`` iteration with the distillation steps inside; the terms decide what runs;
-- :class:`DiscriminatorStep`, :class:`DiscriminatorBank`, :class:`AdversarialState`: the discriminator updates of
-  adversarial terms, with the cost levers ``discriminator_steps``, ``critic_every``, ``gp_every`` and
-  ``batched_critic``;
+- :class:`DiscriminatorStep`: the discriminator updates of adversarial terms (the discriminators are the
+  distiller's, ``distiller.discriminators()``), with the cost levers ``discriminator_steps``, ``critic_every``,
+  ``gp_every`` and ``batched_critic``;
 - :class:`ParaphraserTrainer`: Factor Transfer's paraphraser pre-training stage (its own network and loss);
 - :class:`EpochMeans`: the epoch means every trainer reports as ``train_<name>``.
 """
 
 from kd_components.engines.adversarial import (
-    AdversarialState,
-    DiscriminatorBank,
     DiscriminatorStep,
     adversarial_terms,
     discriminator_value_name,
@@ -28,9 +26,7 @@ from kd_components.engines.epoch_means import EpochMeans
 from kd_components.engines.paraphraser import FrozenEncoder, ParaphraserTrainer, load_paraphraser_encoder
 
 __all__ = [
-    "AdversarialState",
     "BALANCED_WEIGHTS_KEY",
-    "DiscriminatorBank",
     "DiscriminatorStep",
     "DistillationTrainer",
     "EpochMeans",

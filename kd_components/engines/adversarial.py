@@ -3,13 +3,13 @@
 A distiller whose terms include an :class:`~kd_components.losses.AdversarialDistillationLoss` trains that loss's
 discriminator in its own step, before the student's step of each iteration (as MONAI's ``GanTrainer`` alternates
 the discriminator and generator updates in its ``_iteration``). :class:`DiscriminatorStep` is that step: it holds
-the discriminators (:class:`DiscriminatorBank`), their optimizer and grad scaler, and the cost levers
-(``discriminator_steps``, ``critic_every``, ``gp_every``, ``batched_critic``).
+the discriminators (``distiller.discriminators()``, registered in their terms' losses), their optimizer and grad
+scaler, and the cost levers (``discriminator_steps``, ``critic_every``, ``gp_every``, ``batched_critic``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,13 +17,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from kd_components.distiller import Distiller
-from kd_components.losses.adversarial import AdversarialDistillationLoss
 from kd_components.taps import unwrap_network
 from kd_components.terms import DistillationTerm
 
 __all__ = [
-    "AdversarialState",
-    "DiscriminatorBank",
     "DiscriminatorStep",
     "adversarial_terms",
     "discriminator_value_name",
@@ -45,81 +42,14 @@ def discriminator_value_name(term: str) -> str:
 
 def adversarial_terms(distiller: Distiller | nn.Module) -> list[DistillationTerm]:
     """The terms of ``distiller`` (possibly wrapped in DDP) whose loss is an :class:`AdversarialDistillationLoss`."""
-    terms = unwrap_network(distiller)
-    if not isinstance(terms, Distiller):
-        raise TypeError(f"distiller must be a kd_components.Distiller, got {type(terms).__name__}")
-    return [t for t in terms.terms if isinstance(t.loss, AdversarialDistillationLoss)]
+    return _unwrap_distiller(distiller).adversarial_terms()
 
 
-class DiscriminatorBank(nn.ModuleDict):
-    """The discriminators of a distiller's adversarial terms, registered as one module keyed by term name.
-
-    :class:`AdversarialDistillationLoss` holds its discriminator outside its module registry (so the student's
-    optimizer, built from ``distiller.parameters()``, never includes it). This bank is where the discriminators
-    *are* registered: ``bank.parameters()`` is what the discriminator optimizer trains, and the bank is an
-    ``nn.Module`` that MONAI's ``CheckpointSaver`` / ``CheckpointLoader`` can hold. A discriminator wrapped in
-    ``DistributedDataParallel`` inside its loss is registered unwrapped, so state dict keys have no ``module.``
-    prefix and checkpoints load with or without DDP.
-
-    Args:
-        distiller: the :class:`~kd_components.Distiller` (possibly wrapped in DDP); every term whose loss is an
-            :class:`AdversarialDistillationLoss` contributes its discriminator.
-        names: only these adversarial terms (default: all of them).
-        allow_empty: return an empty bank for a distiller without adversarial terms instead of raising.
-
-    Raises:
-        ValueError: when the distiller has no adversarial term (unless ``allow_empty``), or ``names`` lists a term
-            that is not one.
-    """
-
-    def __init__(
-        self, distiller: Distiller | nn.Module, names: Sequence[str] | None = None, allow_empty: bool = False
-    ) -> None:
-        found = {t.name: unwrap_network(t.loss.discriminator) for t in adversarial_terms(distiller)}
-        if not found and not allow_empty:
-            raise ValueError(
-                "no distillation term has an AdversarialDistillationLoss: there is no discriminator to train. "
-                "Without adversarial terms, kd_components.DistillationTrainer needs no discriminators."
-            )
-        if names is not None:
-            unknown = [n for n in names if n not in found]
-            if unknown:
-                raise ValueError(f"{unknown} are not adversarial distillation terms; those are {list(found)}")
-            found = {n: found[n] for n in names}
-        super().__init__(found)
-
-
-class AdversarialState:
-    """Everything the adversarial training adds to a checkpoint: discriminators, their optimizer and grad scaler.
-
-    Has ``state_dict()`` / ``load_state_dict()``, so it can go in a MONAI ``CheckpointSaver`` ``save_dict`` built
-    in Python.
-
-    Args:
-        discriminators: the :class:`DiscriminatorBank`.
-        optimizer: the discriminator optimizer.
-        scaler: the discriminator's ``GradScaler`` (disabled without AMP on CUDA).
-    """
-
-    def __init__(self, discriminators: DiscriminatorBank, optimizer: Optimizer, scaler: torch.amp.GradScaler) -> None:
-        self.discriminators = discriminators
-        self.optimizer = optimizer
-        self.scaler = scaler
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"discriminators": ..., "optimizer": ..., "scaler": ...}`` state dicts."""
-        return {
-            "discriminators": self.discriminators.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (discriminator weights strictly; the scaler if it was saved)."""
-        self.discriminators.load_state_dict(state["discriminators"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+def _unwrap_distiller(distiller: Distiller | nn.Module) -> Distiller:
+    module = unwrap_network(distiller)
+    if not isinstance(module, Distiller):
+        raise TypeError(f"distiller must be a kd_components.Distiller, got {type(module).__name__}")
+    return module
 
 
 class DiscriminatorStep:
@@ -147,9 +77,10 @@ class DiscriminatorStep:
       differ slightly, so it is off by default.
 
     Args:
-        terms: ``{term name: adversarial term}``.
-        discriminators: the :class:`DiscriminatorBank` of those terms.
-        optimizer: the discriminators' optimizer, or a factory called with ``discriminators.parameters()``.
+        distiller: the :class:`~kd_components.Distiller` (possibly wrapped in DDP); its adversarial terms are
+            stepped, ``distiller.discriminators()`` are trained.
+        optimizer: the discriminators' optimizer (holding exactly their parameters), or a factory called with
+            ``distiller.discriminators().parameters()``.
         steps: discriminator steps per update (0: discriminators fixed, nothing reported).
         amp: autocast + ``GradScaler`` for the discriminator steps on CUDA.
         amp_kwargs: the autocast arguments (dtype) when ``amp``.
@@ -160,13 +91,13 @@ class DiscriminatorStep:
         batched_critic: one discriminator pass on real and fake together.
 
     Raises:
-        ValueError: when ``steps``, ``critic_every`` or ``gp_every`` is out of range.
+        ValueError: when the distiller has no adversarial term, when ``steps``, ``critic_every`` or ``gp_every`` is
+            out of range, or when a given optimizer does not hold exactly the discriminators' trainable parameters.
     """
 
     def __init__(
         self,
-        terms: Mapping[str, DistillationTerm],
-        discriminators: DiscriminatorBank,
+        distiller: Distiller | nn.Module,
         optimizer: Optimizer | OptimizerFactory,
         steps: int = 1,
         amp: bool = False,
@@ -182,9 +113,20 @@ class DiscriminatorStep:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if isinstance(gp_every, bool) or int(gp_every) != gp_every or gp_every < 1:
             raise ValueError(f"gp_every must be an integer >= 1, got {gp_every!r}")
-        self.terms = dict(terms)
-        self.discriminators = discriminators
-        self.optimizer = optimizer if isinstance(optimizer, Optimizer) else optimizer(discriminators.parameters())
+        distiller = _unwrap_distiller(distiller)
+        self.terms = {t.name: t for t in distiller.adversarial_terms()}
+        if not self.terms:
+            raise ValueError(
+                "no distillation term has an AdversarialDistillationLoss: there is no discriminator to train. "
+                "Without adversarial terms, kd_components.DistillationTrainer needs no discriminators."
+            )
+        self.discriminators = distiller.discriminators()
+        """``{term name: discriminator}`` (:meth:`~kd_components.Distiller.discriminators`)."""
+        if isinstance(optimizer, Optimizer):
+            _check_holds_exactly(optimizer, self.discriminators)
+        else:
+            optimizer = optimizer(self.discriminators.parameters())
+        self.optimizer = optimizer
         self.steps = int(steps)
         self.critic_every = int(critic_every)
         self.gp_every = int(gp_every)
@@ -270,11 +212,6 @@ class DiscriminatorStep:
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    @property
-    def state(self) -> AdversarialState:
-        """The discriminators, optimizer and scaler as one checkpointable object."""
-        return AdversarialState(self.discriminators, self.optimizer, self.scaler)
-
     def settings(self) -> dict[str, Any]:
         """Flat ``kd.*`` parameters describing the step (recorded in MLflow)."""
         settings: dict[str, Any] = {
@@ -294,54 +231,19 @@ class DiscriminatorStep:
         return settings
 
 
-def check_bank(bank: DiscriminatorBank, distiller: Distiller | nn.Module) -> dict[str, DistillationTerm]:
-    """Map each bank entry to its adversarial term, checking that the bank holds that term's discriminator."""
-    terms = {t.name: t for t in adversarial_terms(distiller)}
-    if not isinstance(bank, DiscriminatorBank):
-        raise TypeError(f"discriminators must be a kd_components.DiscriminatorBank, got {type(bank).__name__}")
-    out = {}
-    for name, module in bank.items():
-        if name not in terms:
-            raise ValueError(f"discriminator {name!r} belongs to no adversarial term of the distiller ({list(terms)})")
-        if unwrap_network(terms[name].loss.discriminator) is not module:
-            raise ValueError(
-                f"the bank's discriminator {name!r} is not the one term {name!r} uses: build the DiscriminatorBank "
-                "from the same distiller the trainer gets"
-            )
-        out[name] = terms[name]
-    return out
-
-
-def check_optimizers(
-    bank: DiscriminatorBank,
-    discriminator_optimizer: Optimizer,
-    optimizer: Optimizer,
-    network: nn.Module,
-    teacher: nn.Module | None,
-    distiller: nn.Module,
-) -> None:
-    """Refuse discriminator parameters in the student optimizer, missing from their own, or foreign ones in it."""
-
-    def ids(opt: Optimizer) -> set[int]:
-        return {id(p) for group in opt.param_groups for p in group["params"]}
-
-    in_d, in_student = ids(discriminator_optimizer), ids(optimizer)
-    trainable = [(n, p) for n, p in bank.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the discriminators have no trainable parameter")
-    leaked = [n for n, p in trainable if id(p) in in_student]
-    if leaked:
-        raise ValueError(
-            f"discriminator parameters are in the student optimizer (e.g. {leaked[:3]}): the student step would "
-            "train them. Build the student optimizer from the student's and the distiller's parameters only."
-        )
-    missing = [n for n, p in trainable if id(p) not in in_d]
+def _check_holds_exactly(optimizer: Optimizer, discriminators: nn.Module) -> None:
+    """Refuse a discriminator optimizer that misses a trainable discriminator parameter or holds anything else."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p): n for n, p in discriminators.named_parameters() if p.requires_grad}
+    missing = [n for i, n in trainable.items() if i not in held]
     if missing:
         raise ValueError(
             f"discriminator parameters are missing from discriminator_optimizer (e.g. {missing[:3]}): give the "
             'trainer an optimizer factory ({"_target_": "torch.optim.Adam", "_mode_": "callable", ...}), which it '
             "builds from the discriminators' parameters."
         )
-    for what, module in (("student", network), ("teacher", teacher), ("distiller", distiller)):
-        if module is not None and any(id(p) in in_d for p in module.parameters()):
-            raise ValueError(f"{what} parameters are in discriminator_optimizer: it must hold discriminators only")
+    if held - set(trainable):
+        raise ValueError(
+            "discriminator_optimizer holds parameters that are not the discriminators' (student, teacher or "
+            "adapters): it must hold the discriminators only. Give the trainer an optimizer factory instead."
+        )

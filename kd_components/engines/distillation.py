@@ -34,13 +34,8 @@ from torch.optim import Optimizer
 
 from kd_components.distiller import Distiller
 from kd_components.engines.adversarial import (
-    AdversarialState,
-    DiscriminatorBank,
     DiscriminatorStep,
     OptimizerFactory,
-    adversarial_terms,
-    check_bank,
-    check_optimizers,
     discriminator_value_name,
 )
 from kd_components.engines.epoch_means import EpochMeans
@@ -148,8 +143,8 @@ class DistillationTrainer(SupervisedTrainer):
         max_epochs: number of training epochs.
         train_data_loader: the training data loader.
         network: the student network (possibly wrapped in ``DistributedDataParallel``).
-        optimizer: the optimizer of the student and of ``distiller.parameters()``; the teacher and the
-            discriminators must not be in it.
+        optimizer: the optimizer of the student and of ``distiller.student_parameters()`` (adapters,
+            translators); the teacher and the discriminators must not be in it.
         loss_function: the supervised loss ``(pred, label) -> loss``.
         teacher: the trained teacher network; it is frozen here (eval mode, ``requires_grad=False``). ``None`` is
             allowed when no term reads the teacher (e.g. no terms: the student alone).
@@ -162,11 +157,9 @@ class DistillationTrainer(SupervisedTrainer):
         balance_ratio: the target ratio of every term's weighted gradient norm to the weighted supervised loss's;
             ``None`` (default): each term's configured ``weight`` is its own target ratio.
         discriminator_optimizer: for adversarial terms, the optimizer of their discriminators: a factory called
-            with the discriminators' parameters (e.g. ``functools.partial(torch.optim.Adam, lr=2e-5)``), or an
-            optimizer built from ``discriminators.parameters()``. Unused without adversarial terms (an optimizer
-            instance is then refused: there is no discriminator for it to train).
-        discriminators: the :class:`~kd_components.engines.DiscriminatorBank` to train; default: built from every
-            adversarial term of ``distiller``.
+            with their parameter group, ``distiller.discriminators().parameters()`` (e.g.
+            ``functools.partial(torch.optim.Adam, lr=2e-5)``), or an optimizer built from it. Unused without
+            adversarial terms (an optimizer instance is then refused: there is no discriminator for it to train).
         discriminator_steps: discriminator steps per update (0: discriminators fixed, nothing reported).
         discriminator_amp: autocast + ``GradScaler`` for the discriminator steps on CUDA; default: as ``amp``.
             WGAN-GP's gradient penalty is more accurate in float32 (``false``).
@@ -205,7 +198,6 @@ class DistillationTrainer(SupervisedTrainer):
         balance_iterations: int = 0,
         balance_ratio: float | None = None,
         discriminator_optimizer: Optimizer | OptimizerFactory | None = None,
-        discriminators: DiscriminatorBank | None = None,
         discriminator_steps: int = 1,
         discriminator_amp: bool | None = None,
         critic_every: int = 1,
@@ -252,7 +244,6 @@ class DistillationTrainer(SupervisedTrainer):
         self._setup_adversarial(
             distiller,
             discriminator_optimizer,
-            discriminators,
             discriminator_steps,
             discriminator_amp,
             critic_every,
@@ -292,23 +283,26 @@ class DistillationTrainer(SupervisedTrainer):
         self,
         distiller: Distiller | nn.Module,
         discriminator_optimizer: Optimizer | OptimizerFactory | None,
-        discriminators: DiscriminatorBank | None,
         steps: int,
         amp: bool | None,
         critic_every: int,
         gp_every: int,
         batched_critic: bool,
     ) -> None:
-        """Build the discriminator step when the distiller has adversarial terms (``self.adversarial``)."""
+        """Build the discriminator step when the distiller has adversarial terms (``self.adversarial``).
+
+        Sets ``discriminators`` (``{term name: discriminator}``), ``discriminator_optimizer`` and
+        ``discriminator_scaler``: what the discriminator checkpoint and the resumable training state hold.
+        """
         self.adversarial: DiscriminatorStep | None = None
-        self.discriminators: DiscriminatorBank | None = None
+        self.discriminators: nn.ModuleDict | None = None
         self.discriminator_optimizer: Optimizer | None = None
         self.discriminator_scaler: torch.amp.GradScaler | None = None
-        if not adversarial_terms(distiller):
-            if isinstance(discriminator_optimizer, Optimizer) or discriminators is not None:
+        if not self._terms.adversarial_terms():
+            if isinstance(discriminator_optimizer, Optimizer):
                 raise ValueError(
                     "no distillation term has an AdversarialDistillationLoss: there is no discriminator to train. "
-                    "Drop discriminators / discriminator_optimizer, or add an adversarial term."
+                    "Drop discriminator_optimizer, or add an adversarial term."
                 )
             return
         if discriminator_optimizer is None:
@@ -316,11 +310,8 @@ class DistillationTrainer(SupervisedTrainer):
                 "the distiller has adversarial terms: give the trainer a discriminator_optimizer, e.g. "
                 '{"_target_": "torch.optim.Adam", "_mode_": "callable", "lr": 2e-5, "betas": [0.9, 0.99]}'
             )
-        bank = discriminators if discriminators is not None else DiscriminatorBank(distiller)
-        bank.to(self.state.device)  # distiller.to() does not reach them (held outside the losses' registry)
         step = DiscriminatorStep(
-            check_bank(bank, distiller),
-            bank,
+            distiller,
             discriminator_optimizer,
             steps=steps,
             amp=self.amp if amp is None else bool(amp),
@@ -335,9 +326,8 @@ class DistillationTrainer(SupervisedTrainer):
         clash = [n for n in map(discriminator_value_name, step.terms) if n in reserved]
         if clash:
             raise ValueError(f"term names {clash} clash with the reported discriminator losses: rename those terms")
-        check_optimizers(bank, step.optimizer, self.optimizer, self.network, self.teacher, distiller)
         self.adversarial = step
-        self.discriminators, self.discriminator_optimizer = bank, step.optimizer
+        self.discriminators, self.discriminator_optimizer = step.discriminators, step.optimizer
         self.discriminator_scaler = step.scaler
         self.discriminator_steps = step.steps
         self.discriminator_amp = self.amp if amp is None else bool(amp)
@@ -346,11 +336,6 @@ class DistillationTrainer(SupervisedTrainer):
     def supervised_loss(self) -> Callable:
         """The supervised loss ``(pred, label) -> loss`` (the engine's ``loss_function``)."""
         return self.loss_function
-
-    @property
-    def adversarial_state(self) -> AdversarialState | None:
-        """Discriminators, their optimizer and grad scaler as one checkpointable object (``None``: no adversary)."""
-        return self.adversarial.state if self.adversarial is not None else None
 
     def _setup_semi_supervised(self, enabled: bool, labelled_key: str, label_terms: str) -> None:
         self.semi_supervised = bool(enabled)
@@ -784,18 +769,22 @@ def _describe(loss: Any) -> str:
 
 
 def _check_optimizer(optimizer: Optimizer, teacher: nn.Module | None, distiller: Distiller) -> None:
+    """Refuse a student optimizer holding the teacher or a discriminator, or missing a trainable adapter."""
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    fix = 'Build it as "params": "$list(@network.parameters()) + @distill#distiller.student_parameters()".'
     if teacher is not None and any(id(p) in in_optimizer for p in teacher.parameters()):
+        raise ValueError(f"the teacher's parameters are in the optimizer: the teacher must stay frozen. {fix}")
+    leaked = [n for n, p in distiller.discriminators().named_parameters() if id(p) in in_optimizer]
+    if leaked:
         raise ValueError(
-            "the teacher's parameters are in the optimizer: the teacher must stay frozen. Build the optimizer from "
-            "the student's and the distiller's parameters only, e.g. "
-            '"params": "$list(@network.parameters()) + list(@distiller.parameters())".'
+            f"discriminator parameters are in the student optimizer (e.g. {leaked[:3]}): the student step would "
+            f"train them (distiller.parameters() includes them; the discriminators have their own optimizer). {fix}"
         )
-    missing = [n for n, p in distiller.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    missing = [n for n, p in distiller.named_student_parameters() if id(p) not in in_optimizer]
     if missing:
         raise ValueError(
             f"trainable distillation modules are not in the optimizer (e.g. {missing[:3]}): they would never learn. "
-            'Add them: "params": "$list(@network.parameters()) + list(@distiller.parameters())".'
+            f"{fix}"
         )
 
 
@@ -803,7 +792,8 @@ def _check_ddp(distiller: nn.Module, label_terms: list[DistillationTerm]) -> Non
     """Refuse a DDP distiller that would wait for gradients of skipped label-reading terms."""
     if not isinstance(distiller, nn.parallel.DistributedDataParallel) or distiller.find_unused_parameters:
         return
-    trainable = [t.name for t in label_terms if any(p.requires_grad for p in t.parameters())]
+    synced = {id(p) for p in distiller.module.student_parameters()}  # DDP ignores the discriminators
+    trainable = [t.name for t in label_terms if any(id(p) in synced for p in t.parameters())]
     if trainable:
         raise ValueError(
             f"label-reading terms {trainable} own trainable modules that a rank without labelled samples leaves "

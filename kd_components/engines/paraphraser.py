@@ -187,7 +187,7 @@ class FrozenEncoder(nn.Module):
 
     ``train()`` keeps it in eval mode (a distiller put in training mode does not reach it) and its parameters
     never record gradients, so the student's optimizer, even when built from ``distiller.parameters()``, never
-    changes it.
+    changes it (``distiller.student_parameters()`` leaves it out altogether).
 
     Args:
         encoder: the module to freeze, e.g. a trained paraphraser's ``encoder``.

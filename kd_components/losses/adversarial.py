@@ -181,18 +181,19 @@ class AdversarialDistillationLoss(nn.Module):
     fills their ``.grad``. The discriminator is trained in its own step with its own optimizer:
     ``loss.discriminator_step_loss(student, teacher)`` (student and teacher detached).
 
-    The discriminator is *held, not registered*: it is not in this module's ``parameters()`` or ``state_dict()``,
-    so building the student optimizer from the distillation losses never includes it, and ``.to()``,
-    ``.train()``/``.eval()`` of this module do not reach it — the trainer moves, wraps (DDP), checkpoints and
-    optimises ``loss.discriminator`` itself. Inputs reach the discriminator as given (use the discriminator's
-    ``tanh_inputs`` for logits, as Graph Flow). The generator term has no minimum at student == teacher; what
-    vanishes there is the critic's Wasserstein estimate ``mean D(fake) - mean D(real)``.
+    The discriminator is a registered submodule: ``.to()``, ``.train()``/``.eval()`` and ``state_dict()`` of the
+    loss (and of the :class:`~kd_components.Distiller` holding it) reach it. It has its own parameter group: the
+    student's optimizer takes ``distiller.student_parameters()``, which leaves it out, and the trainer builds the
+    discriminator's optimizer from ``distiller.discriminators().parameters()``. Inputs reach the discriminator as
+    given (use the discriminator's ``tanh_inputs`` for logits, as Graph Flow). The generator term has no minimum at
+    student == teacher; what vanishes there is the critic's Wasserstein estimate ``mean D(fake) - mean D(real)``.
 
     Paper defaults: Graph Flow λ_adv = 0.1, WGAN-GP (λ_gp 10), SAGAN discriminator on logits with tanh,
     lr_D 2e-5; Structured KD holistic term weight 0.1 with WGAN-GP on (image, score map).
 
     Args:
-        discriminator: the discriminator (e.g. :class:`kd_components.modules.SelfAttentionDiscriminator`).
+        discriminator: the discriminator (e.g. :class:`kd_components.modules.SelfAttentionDiscriminator`), possibly
+            wrapped in ``DistributedDataParallel`` for its own step (see :func:`kd_components.wrap_ddp_if_trainable`).
         objective: ``"wgan-gp"``, ``"hinge"`` or an :class:`AdversarialObjective` instance.
 
     Reference:
@@ -207,13 +208,7 @@ class AdversarialDistillationLoss(nn.Module):
                 raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)} or an AdversarialObjective")
             objective = _OBJECTIVES[objective]()
         self.objective = objective
-        # stored outside nn.Module's registry on purpose: not a submodule, no parameters, not in state_dict
-        self.__dict__["_discriminator"] = discriminator
-
-    @property
-    def discriminator(self) -> nn.Module:
-        """The held discriminator (trained by its own optimizer in its own step)."""
-        return self.__dict__["_discriminator"]
+        self.discriminator = discriminator
 
     @staticmethod
     def _pair(

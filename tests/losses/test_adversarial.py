@@ -68,9 +68,12 @@ def test_generator_step_leaves_discriminator_grads_none(objective: str) -> None:
     disc = PatchDiscriminator(2, 3, channels=4, num_layers=2)
     loss = AdversarialDistillationLoss(disc, objective)
     assert loss.discriminator is disc and loss.objective is not None
-    # held, not registered: nothing of the discriminator reaches the student optimizer or checkpoint
-    assert list(loss.parameters()) == [] and len(loss.state_dict()) == 0
-    assert disc not in list(loss.modules())
+    # a registered submodule: .to(), .train()/.eval() and state_dict() of the loss reach it
+    assert [id(p) for p in loss.parameters()] == [id(p) for p in disc.parameters()]
+    assert set(loss.state_dict()) == {f"discriminator.{k}" for k in disc.state_dict()}
+    loss.eval()
+    assert not disc.training
+    loss.train()
     student, teacher = _pair((2, 3, 16, 16))
     student.requires_grad_(True)
     teacher.requires_grad_(True)
