@@ -6,6 +6,8 @@ Every preparer writes the same layout, read by the bundles through ``monai.data.
 
 - :mod:`kd_components.data.common`: seeded file-name-based split, image/mask pairing, datalist writing, guarded
   output folder, :class:`DatasetError`;
+- :mod:`kd_components.data.cli`: the command line every preparer shares (``--out``, ``--seed``, ``--fractions``,
+  ``--overwrite``, ``--limit``, ``--max-size``) and its exit status;
 - :mod:`kd_components.data.polyp`: Kvasir-SEG and CVC-ClinicDB (``python -m kd_components.data.polyp --help``);
 - :mod:`kd_components.data.synthetic`: synthetic polyp-like data (``python -m kd_components.data.synthetic --help``);
 - :mod:`kd_components.data.vessels`: DRIVE, CHASE_DB1, ARCADE (COCO) and XCAD, with ``<out>/fov/`` field-of-view

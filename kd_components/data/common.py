@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -34,7 +33,6 @@ from typing import TypeVar
 import numpy as np
 
 __all__ = [
-    "run_cli",
     "DATALIST_NAME",
     "DEFAULT_FRACTIONS",
     "FOV_DIR",
@@ -671,23 +669,3 @@ def write_datalist(
         data[METADATA_KEY] = dict(metadata)
     datalist_path.write_text(json.dumps(data, indent=2) + "\n")
     return datalist_path
-
-
-def run_cli(prepare: Callable[..., Path], **kwargs) -> int:
-    """Run a dataset preparer for a command line and turn its outcome into an exit status.
-
-    Args:
-        prepare: the preparation function, returning the datalist path.
-        kwargs: its arguments.
-
-    Returns:
-        0 after printing the datalist path, or 1 after printing the :class:`DatasetError` (which names the file at
-        fault and says what to do) to standard error.
-    """
-    try:
-        path = prepare(**kwargs)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0

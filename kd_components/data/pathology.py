@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_components.data.cli import preparer_parser, run_preparer, shared_arguments
 from kd_components.data.common import (
     DATALIST_NAME,
     DEFAULT_FRACTIONS,
@@ -75,7 +76,6 @@ from kd_components.data.common import (
     format_names,
     list_files,
     pair_by_stem,
-    run_cli,
     save_png,
     split_names_fixed,
     staged_output,
@@ -684,37 +684,24 @@ def prepare_pathology_data(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m kd_components.data.pathology``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_components.data.pathology",
-        description=(
-            "Convert MoNuSeg 2018 (official 'Tissue Images'/ + Annotations/ XML release, the test release, or a "
-            "rasterised images/ + masks/ copy) or a generic tile set (images/ + masks/) into the pathology bundle's "
-            "data folder: OUT/images/<name>.png (RGB), OUT/labels/<name>.png (0/1 or class indices) and "
-            "OUT/datalist.json with a seeded file-name-based training/validation/test split."
-        ),
+    parser = preparer_parser(
+        "pathology",
+        "Convert MoNuSeg 2018 (official 'Tissue Images'/ + Annotations/ XML release, the test release, or a "
+        "rasterised images/ + masks/ copy) or a generic tile set (images/ + masks/) into the pathology bundle's "
+        "data folder: OUT/images/<name>.png (RGB), OUT/labels/<name>.png (0/1 or class indices) and "
+        "OUT/datalist.json with a seeded file-name-based training/validation/test split.",
+        limit="tiles of each folder",
+        max_size="tiles",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--monuseg", metavar="DIR", help="MoNuSeg release folder (or a folder holding it)")
     source.add_argument("--tiles", metavar="DIR", help="tile set folder holding images/ and masks/ (or labels/)")
     parser.add_argument("--monuseg-test", metavar="DIR", help="official MoNuSeg test release: the test split")
-    parser.add_argument("--out", metavar="DIR", required=True, help="output data folder (created if needed)")
     parser.add_argument("--num-classes", type=int, metavar="N", help="class-index masks with N classes (tiles only)")
     parser.add_argument("--name", default="tiles", help="output name prefix of --tiles (default: tiles)")
-    parser.add_argument("--max-size", type=int, metavar="N", help="shrink tiles so the longest side is at most N")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        default=list(DEFAULT_FRACTIONS),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions, summing to 1 (default: 0.8 0.1 0.1)",
-    )
     parser.add_argument("--test-list", metavar="FILE", help="text file of tile stems (one a line) for the test split")
     parser.add_argument("--instances", action="store_true", help="also write instances/<name>.png (XML input)")
     parser.add_argument("--supersample", type=int, default=4, help="polygon rasterisation sub-pixels (default: 4)")
-    parser.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
-    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N tiles of each folder")
     return parser
 
 
@@ -736,23 +723,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
     """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_cli(
-        prepare_pathology_data,
-        out_dir=args.out,
+    return run_preparer(  # the list is read inside: an unreadable one is reported as a dataset error
+        lambda **kwargs: prepare_pathology_data(test_names=_read_test_list(args.test_list), **kwargs),
         monuseg_dir=args.monuseg,
         tiles_dir=args.tiles,
         monuseg_test_dir=args.monuseg_test,
         num_classes=args.num_classes,
         tiles_name=args.name,
-        max_size=args.max_size,
-        seed=args.seed,
-        fractions=args.fractions,
-        test_names=_read_test_list(args.test_list),
         instances=args.instances,
         supersample=args.supersample,
-        overwrite=args.overwrite,
-        limit=args.limit,
+        **shared_arguments(args),
     )
 
 

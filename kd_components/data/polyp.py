@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_components.data.cli import preparer_parser, run_preparer, shared_arguments
 from kd_components.data.common import (
     DATALIST_NAME,
     DEFAULT_FRACTIONS,
@@ -56,7 +57,6 @@ from kd_components.data.common import (
     format_names,
     list_files,
     pair_by_stem,
-    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -469,34 +469,19 @@ def prepare_polyp_data(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m kd_components.data.polyp``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_components.data.polyp",
-        description=(
-            "Convert the official Kvasir-SEG (images/, masks/ JPEG) and/or CVC-ClinicDB (Original/, 'Ground Truth'/ "
-            "TIFF) releases into the polyp bundle's data folder: OUT/images/<dataset>_<stem>.png (RGB), "
-            "OUT/labels/<dataset>_<stem>.png (0/1, masks thresholded at >127) and OUT/datalist.json with a seeded "
-            "file-name-based training/validation/test split."
-        ),
+    parser = preparer_parser(
+        "polyp",
+        "Convert the official Kvasir-SEG (images/, masks/ JPEG) and/or CVC-ClinicDB (Original/, 'Ground Truth'/ "
+        "TIFF) releases into the polyp bundle's data folder: OUT/images/<dataset>_<stem>.png (RGB), "
+        "OUT/labels/<dataset>_<stem>.png (0/1, masks thresholded at >127) and OUT/datalist.json with a seeded "
+        "file-name-based training/validation/test split.",
+        limit="pairs of each dataset",
+        max_size="images",
     )
     parser.add_argument("--kvasir", metavar="DIR", help="Kvasir-SEG folder (holding images/ and masks/) or its parent")
     parser.add_argument(
         "--clinicdb", metavar="DIR", help="CVC-ClinicDB folder (holding Original/ and 'Ground Truth'/) or its parent"
     )
-    parser.add_argument("--out", metavar="DIR", required=True, help="output data folder (created if needed)")
-    parser.add_argument(
-        "--max-size", type=int, metavar="N", help="shrink images so that the longest side is at most N pixels"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        default=list(DEFAULT_FRACTIONS),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions, summing to 1 (default: 0.8 0.1 0.1)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
-    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N pairs of each dataset")
     parser.add_argument(
         "--empty-masks",
         choices=EMPTY_MASK_POLICIES,
@@ -516,18 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kvasir is None and args.clinicdb is None:
         parser.error("pass --kvasir DIR and/or --clinicdb DIR")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_cli(
+    return run_preparer(
         prepare_polyp_data,
-        out_dir=args.out,
         kvasir_dir=args.kvasir,
         clinicdb_dir=args.clinicdb,
-        max_size=args.max_size,
-        seed=args.seed,
-        fractions=args.fractions,
-        overwrite=args.overwrite,
-        limit=args.limit,
         empty_masks=args.empty_masks,
+        **shared_arguments(args),
     )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_components.data.cli import preparer_parser, run_preparer, shared_arguments
 from kd_components.data.common import (
     DATALIST_NAME,
     DEFAULT_FRACTIONS,
@@ -36,7 +37,6 @@ from kd_components.data.common import (
     LABELS_DIR,
     DatasetError,
     datalist_entries,
-    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -220,30 +220,18 @@ def make_synthetic_polyps(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m kd_components.data.synthetic``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_components.data.synthetic",
-        description=(
-            "Write a synthetic polyp-like segmentation dataset (OUT/images/*.png RGB, OUT/labels/*.png 0/1, "
-            "OUT/datalist.json with a seeded split), in the same layout as the prepared Kvasir-SEG data."
-        ),
+    parser = preparer_parser(
+        "synthetic",
+        "Write a synthetic polyp-like segmentation dataset (OUT/images/*.png RGB, OUT/labels/*.png 0/1, "
+        "OUT/datalist.json with a seeded split), in the same layout as the prepared Kvasir-SEG data.",
+        seeds="the images and the split",
     )
-    parser.add_argument("--out", metavar="DIR", required=True, help="output data folder (created if needed)")
     parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="image size")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the images and the split (default: 0)")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        default=list(DEFAULT_FRACTIONS),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions, summing to 1 (default: 0.8 0.1 0.1)",
-    )
     parser.add_argument("--max-blobs", type=int, default=3, help="most blobs per image (default: 3)")
     parser.add_argument(
         "--empty-fraction", type=float, default=0.05, help="probability of an image without blob (default: 0.05)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     return parser
 
 
@@ -254,16 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
     """
     args = build_parser().parse_args(argv)
-    return run_cli(
+    return run_preparer(
         make_synthetic_polyps,
-        out_dir=args.out,
         n=args.n,
         size=tuple(args.size),
-        seed=args.seed,
-        fractions=args.fractions,
-        overwrite=args.overwrite,
         max_blobs=args.max_blobs,
         empty_fraction=args.empty_fraction,
+        **shared_arguments(args),
     )
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_components.data.cli import preparer_parser, run_preparer, shared_arguments
 from kd_components.data.common import (
     DATALIST_NAME,
     DEFAULT_FRACTIONS,
@@ -51,7 +52,6 @@ from kd_components.data.common import (
     LABELS_DIR,
     SPLIT_KEYS,
     DatasetError,
-    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -375,31 +375,19 @@ def make_synthetic_vessels(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m kd_components.data.synthetic_vessels``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_components.data.synthetic_vessels",
-        description=(
-            "Write a synthetic thin-vessel segmentation dataset (OUT/images/*.png, OUT/labels/*.png 0/1, OUT/fov/*.png "
-            "for fundus, OUT/datalist.json with a seeded split), in the layout of kd_components.data.vessels."
-        ),
+    parser = preparer_parser(
+        "synthetic_vessels",
+        "Write a synthetic thin-vessel segmentation dataset (OUT/images/*.png, OUT/labels/*.png 0/1, OUT/fov/*.png "
+        "for fundus, OUT/datalist.json with a seeded split), in the layout of kd_components.data.vessels.",
+        seeds="the images and the split",
     )
-    parser.add_argument("--out", metavar="DIR", required=True, help="output data folder (created if needed)")
     parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     parser.add_argument("--size", type=int, nargs=2, default=[96, 96], metavar=("H", "W"), help="image size")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the images and the split (default: 0)")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        default=list(DEFAULT_FRACTIONS),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions, summing to 1 (default: 0.8 0.1 0.1)",
-    )
     parser.add_argument("--modality", choices=MODALITIES, default="fundus", help="fundus (RGB) or xray (grey)")
     fov = parser.add_mutually_exclusive_group()
     fov.add_argument("--fov", dest="fov", action="store_true", default=None, help="circular field of view")
     fov.add_argument("--no-fov", dest="fov", action="store_false", help="no field of view")
     parser.add_argument("--contrast", choices=CONTRASTS, default="dark", help="vessel polarity (default: dark)")
-    parser.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     return parser
 
 
@@ -410,17 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; None reads ``sys.argv``.
     """
     args = build_parser().parse_args(argv)
-    return run_cli(
+    return run_preparer(
         make_synthetic_vessels,
-        out_dir=args.out,
         n=args.n,
         size=tuple(args.size),
-        seed=args.seed,
-        fractions=args.fractions,
-        overwrite=args.overwrite,
         modality=args.modality,
         fov=args.fov,
         contrast=args.contrast,
+        **shared_arguments(args),
     )
 
 

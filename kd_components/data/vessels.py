@@ -82,6 +82,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from kd_components.data.cli import preparer_parser, run_preparer, shared_arguments
 from kd_components.data.common import (
     DATALIST_NAME,
     DEFAULT_FRACTIONS,
@@ -97,7 +98,6 @@ from kd_components.data.common import (
     format_names,
     list_files,
     pair_by_stem,
-    run_cli,
     save_png,
     split_names,
     staged_output,
@@ -918,34 +918,20 @@ def prepare_vessel_data(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m kd_components.data.vessels``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_components.data.vessels",
-        description=(
-            "Convert an official DRIVE, CHASE_DB1, ARCADE (COCO, syntax) or XCAD release into the vessel bundle's "
-            "data folder: OUT/images/<dataset>_<stem>.png (RGB fundus, grey X-ray), OUT/labels/*.png (0/1), "
-            "OUT/fov/*.png (0/1 field of view, fundus only) and OUT/datalist.json (official splits kept, the rest "
-            "seeded; an 'unlabeled' section; a 'metadata' object)."
-        ),
+    parser = preparer_parser(
+        "vessels",
+        "Convert an official DRIVE, CHASE_DB1, ARCADE (COCO, syntax) or XCAD release into the vessel bundle's "
+        "data folder: OUT/images/<dataset>_<stem>.png (RGB fundus, grey X-ray), OUT/labels/*.png (0/1), "
+        "OUT/fov/*.png (0/1 field of view, fundus only) and OUT/datalist.json (official splits kept, the rest "
+        "seeded; an 'unlabeled' section; a 'metadata' object).",
+        fractions_note=", renormalised over the splits the release lacks",
+        max_size="images",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--drive", metavar="DIR", help="DRIVE folder (holding training/ and test/)")
     source.add_argument("--chase", metavar="DIR", help="CHASE_DB1 folder (Image_01L.jpg, Image_01L_1stHO.png, ...)")
     source.add_argument("--arcade", metavar="DIR", help="ARCADE COCO release (holding syntax/) or its syntax/ folder")
     source.add_argument("--xcad", metavar="DIR", help="XCAD folder (holding test/images, test/masks, train/trainB)")
-    parser.add_argument("--out", metavar="DIR", required=True, help="output data folder (created if needed)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        default=list(DEFAULT_FRACTIONS),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions, summing to 1, renormalised over the splits the release lacks (default: 0.8 0.1 0.1)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
-    parser.add_argument(
-        "--max-size", type=int, metavar="N", help="shrink images so that the longest side is at most N pixels"
-    )
     parser.add_argument(
         "--annotator", type=int, choices=(1, 2), default=1, help="CHASE_DB1 observer: 1 (_1stHO, default) or 2"
     )
@@ -972,20 +958,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     dataset = next(name for name in DATASETS if getattr(args, name) is not None)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_cli(
+    return run_preparer(
         prepare_vessel_data,
-        out_dir=args.out,
         dataset=dataset,
         source_dir=getattr(args, dataset),
-        seed=args.seed,
-        fractions=args.fractions,
-        overwrite=args.overwrite,
-        max_size=args.max_size,
         annotator=args.annotator,
         arcade_segments=args.arcade_segments,
         fov_threshold=args.fov_threshold,
         unlabeled=not args.no_unlabeled,
+        **shared_arguments(args),
     )
 
 

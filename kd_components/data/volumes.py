@@ -85,6 +85,7 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from kd_components.data.cli import preparer_parser, run_preparer, shared_arguments
 from kd_components.data.common import (
     DATALIST_NAME,
     DEFAULT_FRACTIONS,
@@ -1126,19 +1127,17 @@ def write_slices(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m kd_components.data.volumes``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_components.data.volumes",
-        description=(
-            "Convert ACDC (SSL4MIS imagesTr/ + labelsTr/ or the official release) or Synapse / BTCV (img/ + label/ "
-            "NIfTI, or TransUNet's train_npz/ + test_vol_h5/) into OUT/volumes/{images,labels}/<case>.nii.gz "
-            "(float32 [0, 1] images, uint8 labels) and OUT/datalist.json with a patient-level "
-            "training/validation/test split; --slices also writes 2D NPY slices for training to OUT/slices/."
-        ),
+    parser = preparer_parser(
+        "volumes",
+        "Convert ACDC (SSL4MIS imagesTr/ + labelsTr/ or the official release) or Synapse / BTCV (img/ + label/ "
+        "NIfTI, or TransUNet's train_npz/ + test_vol_h5/) into OUT/volumes/{images,labels}/<case>.nii.gz "
+        "(float32 [0, 1] images, uint8 labels) and OUT/datalist.json with a patient-level "
+        "training/validation/test split; --slices also writes 2D NPY slices for training to OUT/slices/.",
+        limit="patients / cases per folder",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--acdc", metavar="DIR", help="ACDC folder (or a folder holding it)")
     source.add_argument("--synapse", metavar="DIR", help="Synapse / BTCV folder (or a folder holding it)")
-    parser.add_argument("--out", metavar="DIR", required=True, help="output data folder (created if needed)")
     parser.add_argument("--normalise", choices=NORMALISATIONS, default="minmax", help="ACDC intensity scaling")
     parser.add_argument(
         "--percentiles", type=float, nargs=2, default=list(DEFAULT_PERCENTILES), metavar=("LOW", "HIGH")
@@ -1146,21 +1145,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-splits", action="store_true", help="ignore ACDC's splits.csv: seeded split")
     parser.add_argument("--label-map", choices=LABEL_MAPS, default="none", help="BTCV labels: 13 organs or synapse8")
     parser.add_argument("--window", type=float, nargs=2, default=list(CT_WINDOW), metavar=("LOW", "HIGH"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    parser.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        default=list(DEFAULT_FRACTIONS),
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions, summing to 1 (default: 0.8 0.1 0.1)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
-    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N patients / cases per folder")
     parser.add_argument("--slices", action="store_true", help="also write 2D NPY slices to OUT/slices/")
     parser.add_argument("--slice-splits", nargs="+", default=["training"], choices=SPLIT_KEYS, metavar="SPLIT")
     parser.add_argument("--skip-empty-slices", action="store_true", help="write only slices with foreground")
     return parser
+
+
+def _prepare_from_cli(args: argparse.Namespace) -> list[Path]:
+    """The volumes' datalist (ACDC or Synapse, as ``args`` say), then the slices' datalist with ``--slices``."""
+    if args.acdc is not None:
+        percentiles, use_splits = tuple(args.percentiles), not args.ignore_splits
+        path = prepare_acdc_data(
+            args.acdc,
+            normalise=args.normalise,
+            percentiles=percentiles,
+            use_splits=use_splits,
+            **shared_arguments(args),
+        )
+    else:
+        path = prepare_synapse_data(
+            args.synapse, label_map=args.label_map, window=tuple(args.window), **shared_arguments(args)
+        )
+    if not args.slices:
+        return [path]
+    return [path, write_slices(path, None, -1, args.slice_splits, args.skip_empty_slices, args.overwrite)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1169,30 +1177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: arguments without the program name; None reads ``sys.argv``.
     """
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    common = {"seed": args.seed, "fractions": args.fractions, "overwrite": args.overwrite, "limit": args.limit}
-    try:
-        if args.acdc is not None:
-            path = prepare_acdc_data(
-                args.acdc,
-                args.out,
-                normalise=args.normalise,
-                percentiles=tuple(args.percentiles),
-                use_splits=not args.ignore_splits,
-                **common,
-            )
-        else:
-            path = prepare_synapse_data(
-                args.synapse, args.out, label_map=args.label_map, window=tuple(args.window), **common
-            )
-        print(path)
-        if args.slices:
-            print(write_slices(path, None, -1, args.slice_splits, args.skip_empty_slices, args.overwrite))
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_preparer(_prepare_from_cli, args=build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
