@@ -558,9 +558,9 @@ def test_teacher_with_non_finite_outputs_is_refused_naming_the_file(tmp_path):
 def test_paraphraser_stage_resumes_both_paraphrasers(tmp_path):
     """The paraphraser stage saves each trainer's state; --resume true continues both (1 more epoch each)."""
     from kd_components.data.pathology import prepare_pathology_data
-    from tests.bundles.conftest import make_workflow, run_workflow
-    from tests.bundles.test_pathology_coco import FAST as COCO_FAST
-    from tests.bundles.test_pathology_coco import make_he_tiles
+    from tests.bundles.conftest import FAST, make_he_tiles, make_workflow, run_workflow
+
+    COCO_FAST = FAST["pathology_coco"]
 
     data = tmp_path / "data"
     prepare_pathology_data(data, tiles_dir=make_he_tiles(tmp_path / "raw", n=6), fractions=(0.6, 0.2, 0.2))

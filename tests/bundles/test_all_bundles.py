@@ -1,17 +1,22 @@
-"""Properties every bundle keeps: valid metadata, clear inference errors, each method file merges with multi-GPU
-training, and the comparison runner's ids exist."""
+"""Properties every bundle keeps, tested once and parametrised over the bundles: valid metadata, clear inference
+errors, each method file merges with multi-GPU training and trains, two-process DDP training, the comparison
+runner's ids exist."""
 
 from __future__ import annotations
 
 import json
 import pydoc
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
+from kd_components import BackupOnStart, DistillationTrainer
 from kd_components.terms import loss_arguments
-from tests.bundles.conftest import BUNDLES, make_workflow, root_cause
+from tests.bundles.conftest import BUNDLES, FAST, make_workflow, root_cause, torchrun_training
 
 NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "train.json").is_file())
 RUNNER_IDS = ["network_def", "teacher_def", "teacher_ckpt", "ckpt_dir", "ckpt_name", "dataset_dir", "output_dir"]
@@ -145,3 +150,103 @@ def test_every_term_names_arguments_its_loss_takes(bundle):
             assert set(required) <= inputs, f"{where}: inputs {sorted(inputs)}, loss needs {required}"
             checked += 1
     assert checked > 0
+
+
+def _reaches(parser: ConfigParser, key: str, text: str, seen: set[str] | None = None) -> bool:
+    """Whether the raw config at ``key``, or one it references with ``@``, contains ``text``."""
+    raw = json.dumps(parser.get(key))
+    seen = seen if seen is not None else {key}
+    if text in raw:
+        return True
+    refs = [r for r in re.findall(r"@([\w#]+)", raw) if r not in seen and r in parser]
+    seen.update(refs)
+    return any(_reaches(parser, ref, text, seen) for ref in refs)
+
+
+ADVERSARIAL_METHODS = {"asd", "coco", "graph_flow", "lightvessel", "structured_kd_holistic"}
+"""The method files with an adversarial term, in whichever bundle they are."""
+
+METHOD_CASES = [
+    (bundle, path.stem)
+    for bundle in NAMES
+    for path in sorted((BUNDLES / bundle / "configs" / "methods").glob("*.json"))
+]
+
+
+@pytest.mark.parametrize(("bundle", "method"), METHOD_CASES)
+def test_each_method_file_trains(bundle, method, tiny, tmp_path):
+    """Every method file merged onto train.json alone trains the tiny setup (one iteration) with the one trainer and
+    reports each of its terms; the teacher does not change; the student is saved, and exactly when a term is
+    adversarial, the trained discriminators are saved beside it; the files the run overwrites are copied to
+    backup/ first; only methods that load paraphrasers need them (an empty ``paraphraser_dir`` otherwise)."""
+    setup = tiny(bundle)
+    names = ["train.json", f"methods/{method}.json"]
+    parser = make_workflow(bundle, names).parser
+    adversarial = method in ADVERSARIAL_METHODS
+    extra = {}
+    if setup.paraphrasers is not None and not _reaches(parser, "distill#terms", "load_paraphraser_encoder"):
+        extra["paraphraser_dir"] = str(tmp_path / "no_paraphrasers")
+    wf = make_workflow(bundle, names, **setup.student(tmp_path, **extra), **{"train#trainer#epoch_length": 1})
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    teacher = trainer.teacher if trainer.teacher is not None else torch.nn.Identity()  # none.json: no teacher
+    assert (trainer.teacher is None) == (method == "none")
+    before = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    if adversarial:  # parameters: spectral norm's power-iteration buffers change in any forward pass in train mode
+        before.update({f"d.{k}": v.detach().clone() for k, v in trainer.discriminators.named_parameters()})
+    (backup,) = [h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, BackupOnStart)]
+    precious = [Path(p) for p in backup.paths]  # the student's checkpoint (and the discriminator's) of a rerun
+    assert tmp_path / "model.pt" in precious
+    for path in precious:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"precious")
+    wf.run()
+    wf.finalize()
+    assert isinstance(trainer, DistillationTrainer)  # one trainer; the terms decide what runs
+    terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
+    assert bool(terms) == (method != "none")
+    assert all(f"train_{name}" in trainer.state.metrics for name in terms)
+    assert all(np.isfinite(v) for v in trainer.state.metrics.values())
+    assert (trainer.adversarial is not None) == adversarial
+    assert (tmp_path / "model.pt").read_bytes() != b"precious"
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    written = [p for p in (tmp_path / "discriminator").glob("*.pt") if p.read_bytes() != b"precious"]
+    assert len(written) == int(adversarial)
+    if adversarial:
+        assert all(f"train_{name}_discriminator" in trainer.state.metrics for name in trainer.adversarial.terms)
+        assert any(not torch.equal(before[f"d.{k}"], v) for k, v in trainer.discriminators.named_parameters())
+        saved = torch.load(written[0], weights_only=True)["discriminators"]
+        assert saved.keys() == trainer.discriminators.state_dict().keys()
+    for path in precious:
+        (copy,) = (path.parent / "backup").glob(f"{path.stem}.*{path.suffix}")
+        assert copy.read_bytes() == b"precious"
+
+
+DDP_BATCH = {
+    "cardiac3d_swin": 1,
+    "multiorgan_graphflow": 4,
+    "pathology_coco": 1,
+    "polyp_kdas": 2,
+    "vessel_lightvessel": 2,
+}
+"""The per-process batch size of the two-process runs (enough samples for both ranks)."""
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(bundle, tiny, tmp_path):
+    """train.json + multi_gpu_train.json on 2 CPU processes (gloo) with the bundle's default method: one student
+    checkpoint, its settings and resume state, the discriminator's checkpoint when the method is adversarial, no
+    DDP ``module.`` prefix in any key, and rank 0's loss curves."""
+    models = tmp_path / "models"
+    over = tiny(bundle).student(models, output_dir=str(tmp_path / "eval"), batch_size=DDP_BATCH[bundle])
+    torchrun_training(bundle, **over)
+    adversarial = _reaches(make_workflow(bundle, ["train.json"]).parser, "distill#terms", "AdversarialDistillationLoss")
+    expected = ["model.pt", "model_settings.json", "resume"]
+    assert sorted(p.name for p in models.iterdir()) == sorted(expected + ["discriminator"] * adversarial)
+    settings = json.loads((models / "model_settings.json").read_text())
+    assert settings["image_size"] == FAST[bundle]["image_size"]
+    keys = list(torch.load(models / "model.pt", weights_only=True))
+    for path in (models / "discriminator").glob("*.pt"):
+        keys += list(torch.load(path, weights_only=True)["discriminators"])
+    assert keys and not any(k.startswith("module.") or ".module." in k for k in keys)
+    assert (tmp_path / "eval" / "loss_curves.png").is_file()  # written by rank 0

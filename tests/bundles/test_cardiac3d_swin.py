@@ -3,8 +3,9 @@
 The volumes (40x36x4, prepared by the real preparer) are resampled to pixdim (2, 2, 1), padded to the patch and
 trained one iteration per stage (``epoch_length`` 1) at 64x32x32, the smallest patch the SwinUNETR
 teacher takes in training (a multiple of 32 per axis, and more than one voxel at its bottleneck for instance norm).
-Metadata, ``verify_net_in_out`` and the method files' merge with multi-GPU training are checked for every bundle in
-tests/bundles/test_all_bundles.py; TorchScript / ONNX export of the student in tests/scripts/test_export_student.py.
+Metadata, ``verify_net_in_out``, the method files' merge with multi-GPU training, each method file's training and
+two-process DDP training are checked for every bundle in tests/bundles/test_all_bundles.py; TorchScript / ONNX export
+of the student in tests/scripts/test_export_student.py.
 """
 
 from __future__ import annotations
@@ -21,42 +22,28 @@ import torch
 from monai.bundle import ckpt_export
 
 from kd_components import FeatureTaps
-from kd_components.data.synthetic_volumes import make_synthetic_volumes
-from kd_components.data.volumes import prepare_acdc_data
-from tests.bundles.conftest import BUNDLES, make_workflow, root_cause, run_workflow, torchrun_training
+from tests.bundles.conftest import BUNDLES, VOLUME_PATIENTS, VOLUME_SHAPE, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import FAST as BUNDLE_FAST
 
 BUNDLE = "cardiac3d_swin"
-PATCH = [64, 32, 32]
-FAST = {
-    "image_size": PATCH,
-    "epochs": 1,
-    "batch_size": 1,
-    "num_samples": 1,
-    "num_workers": 0,
-    "sw_batch_size": 2,
-    "epoch_length": 1,
-}
-SHAPE = (40, 36, 4)  # (H, W, Z) of the synthetic volumes
-PATIENTS = 5  # patient 2 is the validation split; one patient of the others is drawn for the test split
+FAST = BUNDLE_FAST[BUNDLE]
+PATCH = FAST["image_size"]
+SHAPE = VOLUME_SHAPE  # (H, W, Z) of the synthetic volumes
+PATIENTS = VOLUME_PATIENTS[BUNDLE]  # patient 2 is the validation split
 METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Synthetic ACDC prepared by the real preparer: volumes + datalist.json."""
-    root = tmp_path_factory.mktemp("cardiac3d")
-    raw = make_synthetic_volumes(root / "raw" / "ACDC", patients=PATIENTS, shape=SHAPE, val=(2,))
-    return prepare_acdc_data(raw, root / "data").parent
+def data_dir(tiny) -> Path:
+    """Synthetic ACDC prepared by the real preparer (the session's tiny setup): volumes + datalist.json."""
+    return tiny(BUNDLE).data_dir
 
 
 @pytest.fixture(scope="module")
-def teacher_run(data_dir, tmp_path_factory) -> dict:
-    """Train the SwinUNETR teacher one iteration and return the overrides that point at its checkpoint."""
-    ckpt_dir = tmp_path_factory.mktemp("models")
-    over = {**FAST, "dataset_dir": str(data_dir), "ckpt_dir": str(ckpt_dir)}
-    run_workflow(BUNDLE, ["train.json", "train_teacher.json"], output_dir=str(ckpt_dir.parent / "teacher_eval"), **over)
-    assert (ckpt_dir / "teacher.pt").is_file()
-    return over
+def teacher_run(tiny) -> dict:
+    """The session's tiny setup (SwinUNETR teacher trained one iteration): its overrides, ``ckpt_dir`` its folder."""
+    setup = tiny(BUNDLE)
+    return {**setup.over, "ckpt_dir": str(setup.models)}
 
 
 def student(teacher_run: dict, out: Path) -> dict:
@@ -233,28 +220,3 @@ def test_method_files():
     train = make_workflow(BUNDLE, ["train.json"]).parser
     seed = make_workflow(BUNDLE, ["train.json", "methods/stage_space.json"]).parser
     assert seed.get("distill") == train.get("distill"), "methods/stage_space.json must equal train.json's default"
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_runs_one_iteration(method, teacher_run, tmp_path):
-    wf = run_workflow(BUNDLE, ["train.json", f"methods/{method}.json"], **student(teacher_run, tmp_path))
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 1
-    terms = [t["name"] for t in wf.parser.get("distill#terms")] if method != "none" else []
-    assert all(f"train_{name}" in trainer.state.metrics for name in terms)
-    assert all(np.isfinite(v) for v in trainer.state.metrics.values())
-    assert (tmp_path / "model.pt").is_file()
-
-
-def test_torchrun_ddp_gloo_leaves_one_model(teacher_run, tmp_path):
-    over = student(teacher_run, tmp_path / "models")
-    torchrun_training(
-        BUNDLE,
-        **{k: over[k] for k in ("dataset_dir", "ckpt_dir", "teacher_ckpt", "output_dir")},
-        **FAST,
-    )
-    listing = sorted(p.name for p in (tmp_path / "models").iterdir())
-    assert listing == ["eval", "model.pt", "model_settings.json", "resume"]  # eval: this test's output_dir
-    assert (tmp_path / "models" / "eval" / "loss_curves.png").is_file()  # written by rank 0
-    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)

@@ -22,47 +22,47 @@ from monai.bundle import ckpt_export
 
 from kd_components import load_paraphraser_encoder
 from kd_components.data.common import DatasetError
-from kd_components.data.synthetic_volumes import make_synthetic_volumes
 from kd_components.data.volumes import prepare_acdc_data, write_slices
 from kd_components.modules import Paraphraser
 from kd_components.taps import list_tap_candidates
-from tests.bundles.conftest import BUNDLES, SHARED, make_workflow, root_cause, run_workflow, torchrun_training
+from tests.bundles.conftest import (
+    BUNDLES,
+    SHARED,
+    VOLUME_PATIENTS,
+    VOLUME_SHAPE,
+    make_workflow,
+    root_cause,
+    run_workflow,
+)
+from tests.bundles.conftest import FAST as BUNDLE_FAST
 
 BUNDLE = "multiorgan_graphflow"
-FAST = {"image_size": [32, 32], "epochs": 1, "batch_size": 8, "num_workers": 0, "sw_batch_size": 4}
-SHAPE = (40, 36, 4)  # (H, W, Z) of the synthetic volumes
-PATIENTS = 9  # patients 2 and 7 are the validation split of splits.csv; the test split is drawn from the others
+FAST = BUNDLE_FAST[BUNDLE]
+SHAPE = VOLUME_SHAPE  # (H, W, Z) of the synthetic volumes
+PATIENTS = VOLUME_PATIENTS[BUNDLE]  # patients 2 and 7 are the validation split of splits.csv
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Synthetic ACDC prepared by the real preparer: volumes + datalist.json, and slices/ for training."""
-    root = tmp_path_factory.mktemp("graphflow")
-    raw = make_synthetic_volumes(root / "raw" / "ACDC", patients=PATIENTS, shape=SHAPE, val=(2, 7))
-    out = root / "data"
-    write_slices(prepare_acdc_data(raw, out))
-    return out
+def data_dir(tiny) -> Path:
+    """Synthetic ACDC prepared by the real preparer (the session's tiny setup): volumes + datalist.json, slices/."""
+    return tiny(BUNDLE).data_dir
 
 
 @pytest.fixture(scope="module")
-def teacher_run(data_dir, tmp_path_factory) -> dict:
-    """Train the teacher once (one epoch) and return the overrides that point at its checkpoint."""
-    ckpt_dir = tmp_path_factory.mktemp("models")
-    over = {**FAST, "dataset_dir": str(data_dir), "ckpt_dir": str(ckpt_dir)}
-    run_workflow(BUNDLE, ["train.json", "train_teacher.json"], output_dir=str(ckpt_dir.parent / "teacher_eval"), **over)
-    assert (ckpt_dir / "teacher.pt").is_file()
-    return over
+def teacher_run(tiny) -> dict:
+    """The session's tiny setup (teacher trained one epoch): its overrides, ``ckpt_dir`` the teacher's folder."""
+    setup = tiny(BUNDLE)
+    return {**setup.over, "ckpt_dir": str(setup.models)}
 
 
 @pytest.fixture(scope="module")
-def paraphraser_run(teacher_run) -> dict:
-    """Train both paraphrasers (one run) into the teacher's folder; return the workflow's trainers' metrics."""
-    wf = run_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], **teacher_run)
-    ckpt_dir = Path(teacher_run["ckpt_dir"])
-    assert {"paraphraser_shallow.pt", "paraphraser_deep.pt"} <= {p.name for p in ckpt_dir.iterdir()}
+def paraphraser_run(tiny) -> dict:
+    """The tiny setup's paraphraser stage (both paraphrasers, in the teacher's folder): its trainers' metrics."""
+    setup = tiny(BUNDLE)
+    assert {"paraphraser_shallow.pt", "paraphraser_deep.pt"} <= {p.name for p in setup.models.iterdir()}
     return {
-        "shallow": dict(wf.parser.get_parsed_content("train#trainer").state.metrics),
-        "deep": dict(wf.parser.get_parsed_content("paraphraser#deep_trainer").state.metrics),
+        "shallow": dict(setup.paraphrasers.parser.get_parsed_content("train#trainer").state.metrics),
+        "deep": dict(setup.paraphrasers.parser.get_parsed_content("paraphraser#deep_trainer").state.metrics),
     }
 
 
@@ -229,19 +229,6 @@ def test_per_volume_postprocessing_restores_each_volume_size(data_dir):
     assert torch.all(dice > 0.99), dice
 
 
-def test_rerun_backs_up_existing_model(teacher_run, paraphraser_run, tmp_path):
-    """A second run never loses the model (or discriminator) of the first: they are copied to backup/ at its start."""
-    over = student(teacher_run, paraphraser_run, tmp_path)
-    (tmp_path / "model.pt").write_bytes(b"precious")
-    (tmp_path / "discriminator").mkdir()
-    (tmp_path / "discriminator" / "model_discriminator.pt").write_bytes(b"also precious")
-    run_workflow(BUNDLE, ["train.json"], **over)
-    backups = {p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "backup").iterdir()}
-    backups.update({p.name.split(".")[0]: p.read_bytes() for p in (tmp_path / "discriminator" / "backup").iterdir()})
-    assert backups == {"model": b"precious", "model_discriminator": b"also precious"}
-    assert (tmp_path / "model.pt").read_bytes() != b"precious"
-
-
 def test_missing_teacher_or_paraphraser_says_what_to_run(teacher_run, paraphraser_run, tmp_path):
     wf = make_workflow(BUNDLE, ["train.json"], **{**teacher_run, "ckpt_dir": str(tmp_path)})
     with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
@@ -350,43 +337,6 @@ def test_method_list_covers_the_baselines():
     train = make_workflow(BUNDLE, ["train.json"]).parser
     seed = make_workflow(BUNDLE, ["train.json", "methods/graph_flow.json"]).parser
     assert seed.get("distill") == train.get("distill"), "methods/graph_flow.json must equal train.json's default"
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_override_trains(method, teacher_run, paraphraser_run, tmp_path):
-    """Every method file merged onto train.json alone trains one epoch and reports each of its terms."""
-    wf = run_workflow(
-        BUNDLE, ["train.json", f"methods/{method}.json"], **student(teacher_run, paraphraser_run, tmp_path)
-    )
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    terms = [t["name"] for t in wf.parser.get("distill#terms")] if method != "none" else []
-    assert all(f"train_{name}" in trainer.state.metrics for name in terms)
-    assert all(np.isfinite(v) for v in trainer.state.metrics.values())
-    assert (tmp_path / "model.pt").is_file()
-    adversarial = method in {"graph_flow", "structured_kd_holistic"}
-    assert ("adversarial" in terms or "holistic" in terms) == adversarial
-    assert (tmp_path / "discriminator" / "model_discriminator.pt").is_file() == adversarial
-
-
-def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, paraphraser_run, tmp_path):
-    over = student(teacher_run, paraphraser_run, tmp_path / "models")
-    torchrun_training(
-        BUNDLE,
-        **{k: over[k] for k in ("dataset_dir", "ckpt_dir", "teacher_ckpt", "paraphraser_dir", "output_dir")},
-        image_size=[32, 32],
-        epochs=1,
-        batch_size=4,
-        num_workers=0,
-    )
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "discriminator",  # model_discriminator.pt, out of models/*.pt, which MONAI Label offers as models
-        "eval",  # this test's output_dir: rank 0's loss curves
-        "model.pt",
-        "model_settings.json",
-        "resume",
-    ]
-    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)
 
 
 ACDC = SHARED / "datasets" / "ACDC"

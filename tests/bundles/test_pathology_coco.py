@@ -1,4 +1,5 @@
-"""The pathology_coco bundle: every stage through ConfigWorkflow on tiny synthetic H&E tiles; DDP, MLflow, bad input."""
+"""The pathology_coco bundle: its stages through ConfigWorkflow on tiny synthetic H&E tiles, MLflow, bad input (each
+method file and two-process DDP: tests/bundles/test_all_bundles.py)."""
 
 from __future__ import annotations
 
@@ -15,85 +16,38 @@ from kd_components import BackupOnStart, DistillationTrainer, FrozenEncoder
 from kd_components.data.common import DatasetError
 from kd_components.data.pathology import prepare_pathology_data
 from kd_components.modules import Translator
-from tests.bundles.conftest import (
-    BUNDLES,
-    SHARED,
-    make_workflow,
-    root_cause,
-    run_workflow,
-    torchrun_training,
-)
+from tests.bundles.conftest import BUNDLES, SHARED, make_he_tiles, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import FAST as BUNDLE_FAST
 
 BUNDLE = "pathology_coco"
-TILE = 64
-# 32x32 patches (2 per tile, 2 tiles per batch: 3 iterations) of 64x64 tiles; validation: whole tiles, 32x32 window
-FAST = {"image_size": [32, 32], "epochs": 1, "batch_size": 2, "num_samples": 2, "num_workers": 0, "val_interval": 1}
-
-
-def make_he_tiles(root: Path, n: int, size: int = TILE, seed: int = 0) -> Path:
-    """Write ``n`` H&E-like tiles in the generic tiles layout: ``images/*.png`` (RGB) and ``masks/*.png`` (0/255).
-
-    A pink, noisy background (eosin) holds 3-7 darker purple ellipses (haematoxylin-stained nuclei, 4-10 px across);
-    the mask is the union of the ellipses.
-
-    Args:
-        root: output folder (``images/`` and ``masks/`` are created in it).
-        n: number of tiles.
-        size: tile side in pixels.
-        seed: seed of the random tiles.
-
-    Returns:
-        ``root``.
-    """
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        mask = np.zeros((size, size), dtype=bool)
-        for _ in range(rng.integers(3, 8)):
-            cy, cx = rng.uniform(0, size, 2)
-            ry, rx = rng.uniform(2.0, 5.0, 2)
-            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        pink = np.array([235.0, 170.0, 200.0]) + rng.normal(0.0, 8.0, (size, size, 3))
-        purple = np.array([95.0, 55.0, 145.0]) + rng.normal(0.0, 12.0, (size, size, 3))
-        image = np.where(mask[..., None], purple, pink).clip(0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"tile_{i:02d}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"tile_{i:02d}.png")
-    return root
+FAST = BUNDLE_FAST[BUNDLE]
+TILE = 64  # the side of the tiny setup's tiles (conftest.make_he_tiles)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """10 synthetic tiles prepared by the real preparer (generic tiles layout): 6 training, 2 validation, 2 test.
-
-    Two validation tiles, so each of the two DDP ranks validates one.
-    """
-    raw = make_he_tiles(tmp_path_factory.mktemp("he_tiles"), n=10)
-    out = tmp_path_factory.mktemp("he_data")
-    prepare_pathology_data(out, tiles_dir=raw, fractions=(0.6, 0.2, 0.2), overwrite=True)
-    return out
+def data_dir(tiny) -> Path:
+    """10 synthetic tiles prepared by the real preparer (the session's tiny setup): 6 training, 2 validation, 2 test."""
+    return tiny(BUNDLE).data_dir
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory) -> dict:
-    """Train the teacher and then both paraphrasers once (one epoch each); return the overrides pointing at them."""
-    ckpt_dir = tmp_path_factory.mktemp("teacher_models")
-    over = {**FAST, "dataset_dir": str(data_dir), "ckpt_dir": str(ckpt_dir), "output_dir": str(ckpt_dir / "eval")}
-    run_workflow(BUNDLE, ["train.json", "train_teacher.json"], **over)
-    assert (ckpt_dir / "teacher.pt").is_file()
-    wf = run_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], paraphraser_epochs=1, **over)
+def trained(tiny) -> dict:
+    """The session's tiny setup (teacher and both paraphrasers trained one epoch): the overrides pointing at them."""
+    setup = tiny(BUNDLE)
+    return {**setup.over, "teacher_ckpt": str(setup.models / "teacher.pt"), "paraphraser_dir": str(setup.models)}
+
+
+def test_paraphraser_stage_trains_a_paraphraser_per_named_tap(tiny):
+    """The stage the tiny setup ran: one paraphraser per tap name, on the teacher tap of that name, trained and
+    saved; it writes paraphrasers only."""
+    setup = tiny(BUNDLE)
+    wf = setup.paraphrasers
     for role, trainer_id in (("shallow", "train#trainer"), ("deep", "paraphraser_deep#trainer")):
         trainer = wf.parser.get_parsed_content(trainer_id)
         assert f"teacher:{trainer.tap}" == wf.parser.get_parsed_content(f"taps#{role}#teacher")
         assert trainer.state.epoch == 1 and np.isfinite(trainer.state.metrics["train_reconstruction"])
-        assert (ckpt_dir / f"paraphraser_{role}.pt").is_file()
-    assert not (ckpt_dir / "model.pt").exists()  # the paraphraser stage writes paraphrasers only
-    return {
-        **{k: v for k, v in over.items() if k not in ("ckpt_dir", "output_dir")},
-        "teacher_ckpt": str(ckpt_dir / "teacher.pt"),
-        "paraphraser_dir": str(ckpt_dir),
-    }
+        assert (setup.models / f"paraphraser_{role}.pt").is_file()
+    assert not (setup.models / "model.pt").exists()  # the paraphraser stage writes paraphrasers only
 
 
 def test_check_properties_of_every_stage(trained, data_dir, tmp_path):
@@ -233,24 +187,23 @@ def test_coco_distill_evaluate_infer_export_with_mlflow(trained, tmp_path):
     assert torch.jit.load(str(ts))(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)
 
 
-def test_rerun_backs_up_existing_model_and_paraphrasers(trained, tmp_path):
-    """Runs never lose what exists: model.pt and paraphrasers are copied to backup/ when a run starts."""
-    ckpt_dir = tmp_path / "models"
-    ckpt_dir.mkdir()
-    for name in ("model.pt", "paraphraser_shallow.pt"):
-        (ckpt_dir / name).write_bytes(b"precious")
-    over = {**trained, "ckpt_dir": str(ckpt_dir), "output_dir": str(tmp_path / "eval")}
-    run_workflow(BUNDLE, ["train.json", "methods/none.json"], **over)
-    wf = make_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], **{**over, "paraphraser_dir": str(ckpt_dir)})
+def test_paraphraser_stage_backs_up_existing_paraphrasers(trained, tmp_path):
+    """The paraphraser stage never loses paraphrasers: they are copied to backup/ when its first trainer starts (the
+    student stage's backups: test_each_method_file_trains in test_all_bundles.py)."""
+    (tmp_path / "paraphraser_shallow.pt").write_bytes(b"precious")
+    over = {
+        **trained,
+        "ckpt_dir": str(tmp_path),
+        "output_dir": str(tmp_path / "eval"),
+        "paraphraser_dir": str(tmp_path),
+    }
+    wf = make_workflow(BUNDLE, ["train.json", "train_paraphraser.json"], **over)
     wf.initialize()
-    # the paraphraser stage backs up when its first trainer starts: fire that handler alone (the stage itself is
-    # tested by the fixture)
+    # fire the stage's backup handler alone (the stage itself runs in the session's tiny setup)
     backup = next(h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, BackupOnStart))
     backup(None)
-    for name in ("model", "paraphraser_shallow"):
-        backups = list((ckpt_dir / "backup").glob(f"{name}.*.pt"))
-        assert len(backups) == 1 and backups[0].read_bytes() == b"precious"
-    assert (ckpt_dir / "model.pt").read_bytes() != b"precious"
+    (copy,) = (tmp_path / "backup").glob("paraphraser_shallow.*.pt")
+    assert copy.read_bytes() == b"precious"
 
 
 def test_missing_teacher_or_paraphraser_says_what_to_run(trained, tmp_path):
@@ -305,33 +258,6 @@ def test_missing_or_empty_datalist_and_bad_labels_say_what_to_do(trained, data_d
     assert "outside the class indices 0..1" in str(cause) and label.name in str(cause)
 
 
-def test_torchrun_ddp_gloo_coco_leaves_model_and_discriminator(trained, tmp_path):
-    ckpt_dir = tmp_path / "models"
-    torchrun_training(
-        BUNDLE,
-        dataset_dir=trained["dataset_dir"],
-        ckpt_dir=str(ckpt_dir),
-        teacher_ckpt=trained["teacher_ckpt"],
-        paraphraser_dir=trained["paraphraser_dir"],
-        output_dir=str(tmp_path / "eval"),
-        image_size=[32, 32],
-        epochs=1,
-        batch_size=1,
-        num_samples=2,
-        num_workers=0,
-        val_interval=1,
-    )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
-        "discriminator",  # discriminator.pt, out of models/*.pt, which MONAI Label offers as models
-        "model.pt",
-        "model_settings.json",
-        "resume",
-    ]
-    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    disc = torch.load(ckpt_dir / "discriminator" / "discriminator.pt", weights_only=True)["discriminators"]
-    assert not any(k.startswith("module.") or ".module." in k for k in [*state, *disc])
-
-
 MONUSEG = SHARED / "datasets" / "MoNuSeg"
 
 
@@ -360,7 +286,6 @@ def test_short_real_data_run_on_monuseg(tmp_path):
 
 METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))
 BASELINES = {"none", "kdas", "logit_kd", "cwd", "dist", "at", "fitnet", "structured_kd", "ifvd", "emkd", "cirkd"}
-ADVERSARIAL = {"coco", "structured_kd_holistic"}
 
 
 def test_method_list_covers_the_baselines():
@@ -371,25 +296,3 @@ def test_coco_method_file_equals_the_default():
     default = make_workflow(BUNDLE, ["train.json"]).parser
     coco = make_workflow(BUNDLE, ["train.json", "methods/coco.json"]).parser
     assert coco.get() == default.get()
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_override_trains(method, trained, tmp_path):
-    """Every method file merged onto train.json alone trains one epoch and reports each of its terms.
-
-    Only the CoCo methods read the paraphrasers (the others run with an empty ``paraphraser_dir``), and only
-    ``coco`` and ``structured_kd_holistic`` train a discriminator and write its checkpoint.
-    """
-    coco = method.startswith("coco")
-    over = {**trained, "ckpt_dir": str(tmp_path), "output_dir": str(tmp_path / "eval")}
-    if not coco:
-        over["paraphraser_dir"] = str(tmp_path / "no_paraphrasers")
-    wf = run_workflow(BUNDLE, ["train.json", f"methods/{method}.json"], **over)
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    terms = [] if method == "none" else [t.name for t in wf.parser.get_parsed_content("distill#terms")]
-    assert all(f"train_{name}" in trainer.state.metrics for name in terms)
-    assert all(np.isfinite(v) for v in trainer.state.metrics.values())
-    assert isinstance(trainer, DistillationTrainer)  # one trainer; the terms decide what runs
-    assert (trainer.adversarial is not None) == (method in ADVERSARIAL)
-    assert (tmp_path / "model.pt").is_file()
-    assert (tmp_path / "discriminator" / "discriminator.pt").is_file() == (method in ADVERSARIAL)

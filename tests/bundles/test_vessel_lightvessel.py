@@ -1,4 +1,5 @@
-"""The vessel_lightvessel bundle: every stage through ConfigWorkflow on tiny synthetic vessels, FOV, DDP, MLflow."""
+"""The vessel_lightvessel bundle: its stages through ConfigWorkflow on tiny synthetic vessels, FOV, MLflow (each
+method file and two-process DDP: tests/bundles/test_all_bundles.py)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,18 @@ from kd_components.data.common import DatasetError
 from kd_components.data.synthetic_vessels import make_synthetic_vessels
 from kd_components.distiller import probe_shapes
 from kd_components.losses import AdversarialDistillationLoss, FeatureSimilarityDistillationLoss
-from tests.bundles.conftest import BUNDLES, make_workflow, root_cause, run_workflow, torchrun_training
+from tests.bundles.conftest import BUNDLES, VESSEL_SIZE, make_workflow, root_cause, run_workflow
+from tests.bundles.conftest import FAST as BUNDLE_FAST
 
 BUNDLE = "vessel_lightvessel"
-SIZE = (32, 48)  # (H, W) of the synthetic images: not square, so a transposed mask would be caught
-FAST = {"image_size": [32, 32], "patches_per_image": 1, "epochs": 1, "batch_size": 4, "num_workers": 0}
+SIZE = VESSEL_SIZE  # (H, W) of the synthetic images: not square, so a transposed mask would be caught
+FAST = BUNDLE_FAST[BUNDLE]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Synthetic X-ray vessels (grey, no field of view): the bundle's default setting."""
-    out = tmp_path_factory.mktemp("xray")
-    make_synthetic_vessels(out, n=20, size=SIZE, seed=0, modality="xray", overwrite=True)
-    return out
+def data_dir(tiny) -> Path:
+    """Synthetic X-ray vessels (grey, no field of view): the bundle's default setting (the session's tiny setup)."""
+    return tiny(BUNDLE).data_dir
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,10 @@ def fundus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher_run(data_dir, tmp_path_factory) -> dict:
-    """Train the teacher once (one epoch) and return the overrides that point at its checkpoint."""
-    ckpt_dir = tmp_path_factory.mktemp("models")
-    over = {**FAST, "dataset_dir": str(data_dir), "ckpt_dir": str(ckpt_dir)}
-    run_workflow(BUNDLE, ["train.json", "train_teacher.json"], output_dir=str(ckpt_dir.parent / "teacher_eval"), **over)
-    assert (ckpt_dir / "teacher.pt").is_file()
-    return over
+def teacher_run(tiny) -> dict:
+    """The session's tiny setup (teacher trained one epoch): its overrides, ``ckpt_dir`` the teacher's folder."""
+    setup = tiny(BUNDLE)
+    return {**setup.over, "ckpt_dir": str(setup.models)}
 
 
 def _student_run(teacher_run: dict, tmp_path: Path, **extra) -> dict:
@@ -259,19 +256,6 @@ def test_channel_mismatch_says_what_to_do(fundus_dir, tmp_path):
     assert re.search("3-channel images .* in_channels is 1.*--in_channels 3", str(root_cause(err.value)))
 
 
-def test_rerun_backs_up_existing_model(teacher_run, tmp_path):
-    """A second run never loses the model or discriminator of the first: they are copied to backup/ at its start."""
-    ckpt_dir = tmp_path / "models"
-    ckpt_dir.mkdir()
-    (ckpt_dir / "model.pt").write_bytes(b"precious")
-    (ckpt_dir / "discriminator").mkdir()
-    (ckpt_dir / "discriminator" / "discriminator.pt").write_bytes(b"also precious")
-    run_workflow(BUNDLE, ["train.json", "methods/none.json"], **_student_run(teacher_run, ckpt_dir))
-    backups = sorted([*(ckpt_dir / "backup").glob("*.pt"), *(ckpt_dir / "discriminator" / "backup").glob("*.pt")])
-    assert sorted(p.read_bytes() for p in backups) == [b"also precious", b"precious"]
-    assert (ckpt_dir / "model.pt").read_bytes() != b"precious"
-
-
 def test_missing_teacher_checkpoint_says_what_to_do(data_dir, tmp_path):
     wf = make_workflow(BUNDLE, ["train.json"], dataset_dir=str(data_dir), ckpt_dir=str(tmp_path), **FAST)
     with pytest.raises(RuntimeError) as err:  # initialize's early checks or the run
@@ -332,34 +316,7 @@ def test_mlflow_tracking_records_loss_terms_and_settings(teacher_run, tmp_path):
     assert run.data.params["kd.asd.objective"] == "HingeObjective"
 
 
-def test_torchrun_ddp_gloo_leaves_one_model_and_discriminator(teacher_run, tmp_path):
-    ckpt_dir = tmp_path / "models"
-    torchrun_training(
-        BUNDLE,
-        dataset_dir=teacher_run["dataset_dir"],
-        ckpt_dir=str(ckpt_dir),
-        teacher_ckpt=str(Path(teacher_run["ckpt_dir"]) / "teacher.pt"),
-        output_dir=str(tmp_path / "eval"),
-        image_size=[32, 32],
-        patches_per_image=1,
-        epochs=1,
-        batch_size=2,
-        num_workers=0,
-    )
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
-        "discriminator",  # discriminator.pt, out of models/*.pt, which MONAI Label offers as models
-        "model.pt",
-        "model_settings.json",
-        "resume",
-    ]
-    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)
-    disc = torch.load(ckpt_dir / "discriminator" / "discriminator.pt", weights_only=True)["discriminators"]
-    assert disc and not any(".module." in k or k.startswith("module.") for k in disc)
-
-
 METHODS = sorted(p.stem for p in (BUNDLES / BUNDLE / "configs" / "methods").glob("*.json"))
-ADVERSARIAL = {"lightvessel", "asd", "structured_kd_holistic"}
 
 
 def test_method_list_covers_the_baselines_and_lightvessel_equals_the_default():
@@ -369,18 +326,3 @@ def test_method_list_covers_the_baselines_and_lightvessel_equals_the_default():
     seed = make_workflow(BUNDLE, ["train.json", "methods/lightvessel.json"]).parser
     for key in ("distill", "train#trainer", "discriminator_def", "discriminator_learning_rate", "loss"):
         assert default.get(key) == seed.get(key), key
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_override_trains(method, teacher_run, tmp_path):
-    """Every method file merged onto train.json alone trains one epoch and reports each of its terms."""
-    wf = run_workflow(BUNDLE, ["train.json", f"methods/{method}.json"], **_student_run(teacher_run, tmp_path))
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    assert isinstance(trainer, DistillationTrainer)  # one trainer; the terms decide what runs
-    assert (trainer.adversarial is not None) == (method in ADVERSARIAL)
-    terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
-    assert bool(terms) == (method != "none")
-    assert all(f"train_{name}" in trainer.state.metrics for name in terms)
-    assert all(np.isfinite(v) for v in trainer.state.metrics.values())
-    assert (tmp_path / "model.pt").is_file()
-    assert (tmp_path / "discriminator" / "discriminator.pt").is_file() == (method in ADVERSARIAL)
