@@ -328,17 +328,7 @@ def test_ddp_distiller_syncs_the_adapters_and_leaves_the_discriminators_to_their
     assert not any(n.startswith("terms.1.") for n in ignored)
     adapter_before = snapshot(terms[1].adapters)
     d_before = snapshot(discriminator)
-    trainer = DistillationTrainer(
-        device="cpu",
-        max_epochs=2,
-        train_data_loader=DataLoader(data(), batch_size=2),
-        network=student,
-        optimizer=torch.optim.Adam([*student.parameters(), *distiller.student_parameters()], lr=1e-3),
-        loss_function=DiceLoss(to_onehot_y=True, softmax=True),
-        teacher=teacher,
-        distiller=wrapped,
-        discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-    )
+    trainer = factory_trainer(student, teacher, wrapped, epochs=2)
     trainer.run()  # 4 iterations: a discriminator in DDP's buckets would fail ("expected to finish reduction")
     assert any(not torch.equal(v, adapter_before[k]) for k, v in terms[1].adapters.state_dict().items())
     assert any(not torch.equal(v, d_before[k]) for k, v in discriminator.state_dict().items())
@@ -393,6 +383,26 @@ def test_configuration_errors():
 # one trainer: the discriminator step belongs to the adversarial terms, its cost levers, the optimizer factory
 
 
+def factory_trainer(
+    student: torch.nn.Module, teacher: torch.nn.Module, distiller: torch.nn.Module, epochs: int = 1, **kwargs
+) -> DistillationTrainer:
+    """A ``DistillationTrainer`` on the test data, the student's optimizer taking ``student_parameters()`` and the
+    discriminator optimizer built by the trainer from a factory."""
+    own = distiller.module if isinstance(distiller, torch.nn.parallel.DistributedDataParallel) else distiller
+    return DistillationTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=DataLoader(data(), batch_size=2),
+        network=student,
+        optimizer=torch.optim.Adam([*student.parameters(), *own.student_parameters()], lr=1e-3),
+        loss_function=DiceLoss(to_onehot_y=True, softmax=True),
+        teacher=teacher,
+        distiller=distiller,
+        discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)),
+        **kwargs,
+    )
+
+
 def _one_trainer(kit_args: dict | None = None, **trainer_kwargs) -> SimpleNamespace:
     """``build``'s setup through ``DistillationTrainer`` itself, the discriminator optimizer from a factory."""
     kit_args = kit_args or {}
@@ -403,19 +413,8 @@ def _one_trainer(kit_args: dict | None = None, **trainer_kwargs) -> SimpleNamesp
         DistillationTerm("logit", F.mse_loss, {"input": "student", "target": "teacher"}, weight=0.1),
     ]
     distiller = Distiller(terms)
-    trainer = DistillationTrainer(
-        device="cpu",
-        max_epochs=kit_args.get("epochs", 1),
-        train_data_loader=DataLoader(data(), batch_size=2),
-        network=student,
-        optimizer=torch.optim.Adam([*student.parameters(), *distiller.student_parameters()], lr=1e-3),
-        loss_function=DiceLoss(to_onehot_y=True, softmax=True),
-        teacher=teacher,
-        distiller=distiller,
-        discriminator_optimizer=functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)),
-        discriminator_steps=kit_args.get("steps", 1),
-        **trainer_kwargs,
-    )
+    epochs, steps = kit_args.get("epochs", 1), kit_args.get("steps", 1)
+    trainer = factory_trainer(student, teacher, distiller, epochs, discriminator_steps=steps, **trainer_kwargs)
     return SimpleNamespace(trainer=trainer, student=student, discriminator=discriminator, adv=adv)
 
 
