@@ -21,9 +21,10 @@ class Distiller(nn.Module):
     The distiller owns every trainable module of the distillation (automatic adapters, translators, generators
     inside losses, the discriminators of adversarial terms) but never the student or the teacher. Its parameters
     form two groups: :meth:`student_parameters` (everything but the discriminators) is what must be added to the
-    student's optimizer; :meth:`discriminators` are trained in their own step, by their own optimizer. It does not
-    run the networks either; :class:`DistillationTrainer` does, once per step, and hands the outputs and taps to
-    :meth:`forward`.
+    student's optimizer; :meth:`discriminators` are trained in their own step, by their own optimizer, so a
+    ``DistributedDataParallel`` wrapper of the distiller leaves their parameters and buffers alone (their own DDP
+    wrapper syncs their step). It does not run the networks either; :class:`DistillationTrainer` does, once per
+    step, and hands the outputs and taps to :meth:`forward`.
 
     Automatic adapters (a term's ``align``) need the channel counts of the tensors they connect. They are found
     by one forward pass of each network on zeros of ``example_input_shape`` when the distiller is built. The same
@@ -53,6 +54,11 @@ class Distiller(nn.Module):
         self.terms = nn.ModuleList(terms)
         if any(t.align or _needs_shapes(t) for t in self.terms):
             self._build_adapters(student, teacher, example_input_shape)
+        own_step = self.discriminators()
+        held = {id(t) for t in (*own_step.parameters(), *own_step.buffers())}
+        ignored = [n for n, t in (*self.named_parameters(), *self.named_buffers()) if id(t) in held]
+        if ignored:  # torch's way for a module to name what a DDP wrapper of it leaves alone
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
 
     def taps(self, kind: str) -> list[str]:
         """Every tap name the terms read from ``kind`` (``"student"`` or ``"teacher"``), without repeats."""

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_components.distiller import Distiller
 from kd_components.taps import unwrap_network
 
 __all__ = [
@@ -225,10 +224,9 @@ def wrap_ddp_if_trainable(module: nn.Module, device: torch.device | str) -> nn.M
     """Wrap ``module`` in ``DistributedDataParallel`` when it has trainable parameters (adapters, discriminators).
 
     DDP refuses modules with nothing to train (e.g. a distiller of logit-only terms): those are returned as they
-    are, moved to ``device``. For a :class:`~kd_components.Distiller`, DDP synchronises the student's parameter
-    group only (``distiller.student_parameters()``, updated by the student's step) and ignores the parameters and
-    buffers of ``distiller.discriminators()``: those are updated in their own step, through their own DDP wrapper
-    (``"discriminator": "$kd_components.wrap_ddp_if_trainable(@discriminator_def, @device)"``).
+    are, moved to ``device``. Parameters the module tells DDP to ignore do not count: a
+    :class:`~kd_components.Distiller` names its discriminators' (trained in their own step, through their own DDP
+    wrapper: ``"discriminator": "$kd_components.wrap_ddp_if_trainable(@discriminator_def, @device)"``).
 
     Args:
         module: the module (e.g. the bundle's ``distiller``, or a discriminator).
@@ -236,14 +234,8 @@ def wrap_ddp_if_trainable(module: nn.Module, device: torch.device | str) -> nn.M
     """
     device = torch.device(device)
     module = module.to(device)
-    own_step: set[int] = set()
-    if isinstance(module, Distiller):
-        discriminators = module.discriminators()
-        own_step = {id(t) for t in (*discriminators.parameters(), *discriminators.buffers())}
-    if not any(p.requires_grad and id(p) not in own_step for p in module.parameters()):
+    ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))  # what DDP reads for the same purpose
+    if not any(p.requires_grad for n, p in module.named_parameters() if n not in ignored):
         return module
-    if own_step:  # torch's documented way for a DDP wrapper to leave parameters alone (a static method)
-        ignored = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if id(t) in own_step]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     device_ids = [device] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
