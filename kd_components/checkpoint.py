@@ -449,8 +449,9 @@ class TrainingStateCheckpoint:
                 obj.load_state_dict(state[name])
             except (RuntimeError, ValueError, KeyError) as err:
                 raise ValueError(
-                    f"training state {self.path}: {name!r} does not fit ({err}). It was written by another setup: "
-                    "resume with the configs of the interrupted run, or run without --resume true."
+                    f"training state {self.path}: {name!r} does not fit ({err}). It was written by another setup "
+                    "(other configs, or a kd_components from before the discriminators were part of the distiller's "
+                    "state): resume with the configs of the interrupted run, or run without --resume true."
                 ) from err
         saved = state["engine"]
         if saved["epoch"] > engine.state.max_epochs:

@@ -510,6 +510,29 @@ def test_adversarial_resume_restores_discriminators_and_continues_like_an_uninte
             assert torch.allclose(x.float(), y.float(), atol=1e-6), name
 
 
+def test_resume_state_of_an_adversarial_run_from_before_the_registered_discriminators_is_refused(tmp_path):
+    """Such a file keeps the discriminators apart ("discriminators") and a distiller state without them: resuming
+    from it stops before training, naming the file, the object and what to do."""
+    from tests.test_adversarial_trainer import build
+
+    path = tmp_path / "model_resume.pt"
+    first = build(epochs=1)
+    TrainingStateCheckpoint(path).attach(first.trainer)
+    first.trainer.run()
+    state = torch.load(path, weights_only=True)
+    prefix = "terms.0.loss.discriminator."
+    state["discriminators"] = {
+        "adv." + k[len(prefix) :]: v for k, v in state["distiller"].items() if k.startswith(prefix)
+    }
+    state["distiller"] = {k: v for k, v in state["distiller"].items() if not k.startswith(prefix)}
+    torch.save(state, path)
+    second = build(epochs=2)
+    TrainingStateCheckpoint(path, resume=True).attach(second.trainer)
+    with pytest.raises(ValueError, match=r"(?s)model_resume\.pt: 'distiller' does not fit.*before the discriminators"):
+        second.trainer.run()
+    assert second.trainer.state.epoch == 0
+
+
 # 5. override validation: the rule, and MONAI's legitimate uses
 
 
