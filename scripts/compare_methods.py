@@ -674,10 +674,6 @@ def teacher_checkpoints(plan: Mapping[str, Any]) -> list[Path]:
     return [Path(value)] if isinstance(value, str) else [Path(p) for p in value]
 
 
-def _is_ensemble(plan: Mapping[str, Any]) -> bool:
-    return len(teacher_checkpoints(plan)) > 1
-
-
 def ensemble_overrides(
     bundle: Path, names: Sequence[str], checkpoints: Sequence[str | Path], evaluated: bool = False
 ) -> dict[str, Any]:
@@ -848,7 +844,7 @@ def run_job(out: str | Path, job: str, threads: int | None = None) -> dict[str, 
     common = {"dataset_dir": primary["dataset_dir"], **plan["override"]}
     members = teacher_checkpoints(plan)
     teacher_ckpt = members[0]  # the plain teacher, or the ensemble's tap member
-    ensemble = _is_ensemble(plan)
+    ensemble = len(members) > 1
     tags = {"bundle": plan["bundle"], "job": job, "plan": plan["plan_id"]}
     run_id = None
     with _reproducible(plan["deterministic"], threads):
