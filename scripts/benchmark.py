@@ -107,6 +107,8 @@ from scripts.benchmarking.training import (  # noqa: E402
     add_plain_trainer,
     benchmark_training,
     is_distillation_trainer,
+    lever_cycle,
+    per_iteration,
     run_iteration,
     trainer_config,
 )
@@ -125,6 +127,8 @@ __all__ = [
     "is_distillation_trainer",
     "add_plain_trainer",
     "run_iteration",
+    "lever_cycle",
+    "per_iteration",
     "flops_per_input",
     "peak_memory_mib",
     "benchmark_inference",

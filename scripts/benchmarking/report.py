@@ -87,8 +87,11 @@ def markdown_report(results: dict[str, Any]) -> str:
         )
         lines.append(f"| (a) + (b) | {fmt(tr['ideal_ms'])} | | | | 1.000 (ideal) | |")
         for name, m in tr["methods"].items():
+            cycle = m.get("lever_cycle", 1)
+            over = f", mean of a {cycle}-iteration critic cycle; peak: its worst iteration" if cycle > 1 else ""
             lines.append(
-                f"| (c) {name}: DistillationTrainer iteration ({', '.join(m['terms'])}) | {fmt(m['median_ms'])} | "
+                f"| (c) {name}: DistillationTrainer iteration ({', '.join(m['terms'])}{over}) | "
+                f"{fmt(m['median_ms'])} | "
                 f"{fmt(m['iqr_ms'])} | {fmt(m['peak_mib'])} | {fmt(m.get('page_faults'), 0)} | "
                 f"**{fmt(m['overhead_ratio'], 3)}** | "
                 f"{fmt(m['overhead_ratio_quartiles']['q3'] - m['overhead_ratio_quartiles']['q1'], 3)} |"

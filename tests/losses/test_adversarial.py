@@ -151,3 +151,67 @@ def test_3d_and_autocast() -> None:
         assert_finite_under_autocast(
             lambda t: loss.discriminator_step_loss(**t), {"student": student, "teacher": teacher}, dtype
         )
+
+
+class RecordingCritic(nn.Module):
+    """A linear critic on the channel means that records the shapes it is given."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, channels))
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return (x.flatten(2).mean(2) @ self.weight).unsqueeze(1)
+
+
+@pytest.mark.parametrize(
+    "shape, pool, seen",
+    [
+        ((2, 2, 8, 12), 2, (2, 2, 4, 6)),
+        ((2, 2, 8, 12), (4, 2), (2, 2, 2, 6)),
+        ((2, 2, 8, 8, 4), 2, (2, 2, 4, 4, 2)),
+        ((2, 2, 8, 8, 1), 4, (2, 2, 2, 2, 1)),  # a one-slice volume: its thin axis is pooled by its length, 1
+    ],
+)
+def test_input_pool_is_what_the_critic_sees(shape: tuple[int, ...], pool, seen: tuple[int, ...]) -> None:
+    critic = RecordingCritic(shape[1])
+    loss = AdversarialDistillationLoss(critic, WGANGPObjective(rng=torch.Generator().manual_seed(0)), input_pool=pool)
+    student, teacher = _pair(shape)
+    loss(student, teacher)
+    loss.discriminator_step_loss(student, teacher)
+    assert set(critic.shapes) == {seen}
+    # a critic of channel means is unchanged by average pooling over whole windows: same value as unpooled
+    plain = AdversarialDistillationLoss(critic, WGANGPObjective(gp_weight=0.0))
+    pooled = AdversarialDistillationLoss(critic, WGANGPObjective(gp_weight=0.0), input_pool=pool)
+    torch.testing.assert_close(pooled(student, teacher), plain(student, teacher))
+
+
+def test_input_pool_matches_pooling_by_hand_and_keeps_student_only_gradients() -> None:
+    torch.manual_seed(0)
+    disc = SelfAttentionDiscriminator(2, 5, channels=(4, 8), attention_blocks=(1,)).eval()
+    loss = AdversarialDistillationLoss(disc, "hinge", input_pool=2)
+    student, teacher = _pair((2, 3, 8, 8))
+    image = torch.randn(2, 2, 8, 8)
+    by_hand = -disc(torch.nn.functional.avg_pool2d(torch.cat([image, student], 1), 2)).mean()
+    torch.testing.assert_close(loss(student, teacher, condition=image), by_hand)
+    assert_student_only_gradients(
+        lambda t: loss(**t),
+        {"student": student, "teacher": teacher, "condition": image},
+        ("student",),
+        ("teacher", "condition"),
+    )
+
+
+@pytest.mark.parametrize("pool", [0, -1, 1.5, True, (), (2, 0)])
+def test_input_pool_rejects_bad_factors(pool) -> None:
+    with pytest.raises(ValueError, match="input_pool"):
+        AdversarialDistillationLoss(RecordingCritic(2), input_pool=pool)
+
+
+def test_input_pool_needs_one_factor_per_axis() -> None:
+    loss = AdversarialDistillationLoss(RecordingCritic(2), input_pool=(2, 2))
+    student, teacher = _pair((2, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="3 spatial axes"):
+        loss(student, teacher)

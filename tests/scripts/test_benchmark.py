@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,6 +96,24 @@ def test_helpers() -> None:
     config = {"_target_": "kd_components.DistillationTrainer"}
     assert benchmark.is_distillation_trainer(config)
     assert not benchmark.is_distillation_trainer({"_target_": "SupervisedTrainer"})
+
+
+@pytest.mark.parametrize(
+    "critic_every, gp_every, steps, cycle",
+    [(1, 1, 1, 1), (4, 1, 1, 4), (1, 4, 1, 4), (4, 4, 1, 16), (2, 4, 2, 4), (2, 4, 0, 1)],
+)
+def test_lever_cycle(critic_every: int, gp_every: int, steps: int, cycle: int) -> None:
+    step = SimpleNamespace(critic_every=critic_every, gp_every=gp_every, steps=steps)
+    assert benchmark.lever_cycle(SimpleNamespace(adversarial=step)) == cycle
+    assert benchmark.lever_cycle(SimpleNamespace(adversarial=None)) == 1
+
+
+def test_per_iteration_divides_every_sample() -> None:
+    timing = {**benchmark.summarize([0.4, 0.8, 0.6]), "page_faults": 40}
+    per = benchmark.per_iteration(timing, 4)
+    assert per["samples_ms"] == pytest.approx([100.0, 200.0, 150.0])
+    assert per["median_ms"] == pytest.approx(150.0) and per["page_faults"] == pytest.approx(10)
+    assert benchmark.per_iteration(timing, 1) is timing
 
 
 # 3D bundles: --quick and SYNTHETIC_DATA are 2D (32x32 images, NPY slices); benchmark them with --dataset_dir
