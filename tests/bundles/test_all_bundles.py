@@ -152,6 +152,19 @@ def test_every_term_names_arguments_its_loss_takes(bundle):
     assert checked > 0
 
 
+@pytest.mark.parametrize("bundle", NAMES)
+def test_every_critic_reads_the_bundle_input_pool(bundle):
+    """``--critic_input_pool N`` reaches every adversarial term of every config file of the bundle."""
+    critics = []
+    for path in sorted((BUNDLES / bundle / "configs").rglob("*.json")):
+        for term in _terms(json.loads(path.read_text())):
+            if term["loss"]["_target_"].endswith("AdversarialDistillationLoss"):
+                critics.append(path.name)
+                assert term["loss"].get("input_pool") == "@critic_input_pool", f"{path.name} term {term['name']!r}"
+    if critics:
+        assert json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["critic_input_pool"] == 1
+
+
 def _reaches(parser: ConfigParser, key: str, text: str, seen: set[str] | None = None) -> bool:
     """Whether the raw config at ``key``, or one it references with ``@``, contains ``text``."""
     raw = json.dumps(parser.get(key))
