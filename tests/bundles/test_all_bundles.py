@@ -162,7 +162,20 @@ def test_every_critic_reads_the_bundle_input_pool(bundle):
                 critics.append(path.name)
                 assert term["loss"].get("input_pool") == "@critic_input_pool", f"{path.name} term {term['name']!r}"
     if critics:
-        assert json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["critic_input_pool"] == 1
+        train = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+        assert isinstance(train["critic_input_pool"], int) and isinstance(train["critic_every"], int)
+        assert train["train"]["trainer"]["critic_every"] == "@critic_every"
+
+
+def test_the_paper_critic_file_is_one_text_and_restores_the_paper_schedule():
+    """``configs/paper_critic.json`` undoes a bundle's critic cost levers; it is the same text wherever it is."""
+    files = {p.read_text() for p in BUNDLES.glob("*/configs/paper_critic.json")}
+    assert len(files) == 1
+    assert json.loads(files.pop()) == {"critic_input_pool": 1, "critic_every": 1}
+    trains = {name: json.loads((BUNDLES / name / "configs" / "train.json").read_text()) for name in NAMES}
+    with_levers = [n for n, t in trains.items() if t.get("critic_input_pool", 1) != 1 or t.get("critic_every", 1) != 1]
+    assert with_levers
+    assert all((BUNDLES / name / "configs" / "paper_critic.json").is_file() for name in with_levers)
 
 
 def _reaches(parser: ConfigParser, key: str, text: str, seen: set[str] | None = None) -> bool:
