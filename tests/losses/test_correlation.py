@@ -7,6 +7,7 @@ import torch
 
 from kd_components.losses import CrossLayerCorrelationLoss, FeatureSimilarityDistillationLoss, GraphFlowLoss
 from kd_components.losses._grid import clip_grid
+from kd_components.losses.correlation import channel_cosine
 from tests.helpers import (
     assert_2d_3d_consistent,
     assert_finite_under_autocast,
@@ -263,3 +264,20 @@ def test_fsd_resize_errors_autocast() -> None:
     for name in FSD:
         for dtype in DTYPES:
             assert_finite_under_autocast(lambda t, n=name: FSD[n]()(**t), inputs, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 5, 6, 4), (2, 4, 3, 5, 2)])
+def test_channel_cosine_equals_torch_cosine_similarity_in_value_and_gradient(shape) -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    upstream = torch.randn((shape[0], *shape[2:]), generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (channel_cosine, lambda x, y, eps: torch.nn.functional.cosine_similarity(x, y, dim=1, eps=eps)):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        value = fn(x, y, 1e-8)
+        (value * upstream).sum().backward()
+        grads.append((value.detach(), x.grad, y.grad))
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs)
+    a[0, :, 0] = 0.0  # a zero vector: the eps floor keeps the value finite, 0 as torch's
+    torch.testing.assert_close(channel_cosine(a, b, 1e-8), torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8))
