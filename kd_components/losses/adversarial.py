@@ -196,7 +196,9 @@ class AdversarialDistillationLoss(nn.Module):
     before the discriminator sees them, so the critic works on ``|S| / f^d`` positions: every convolution, its
     self-attention (``(|S| / f^d)²``) and WGAN-GP's double backward shrink with it. The critic then judges the
     coarse layout of the student's output, not its finest detail; the penalty constrains its gradient with respect
-    to the pooled input. Axes shorter than ``f`` (a one-slice volume) are pooled by their length instead.
+    to the pooled input. An axis is pooled by at most what keeps it as large as the discriminator's
+    ``min_input_size`` (when it has one, as :class:`~kd_components.modules.PatchDiscriminator`; otherwise 1): small
+    patches and one-slice volumes are pooled less, or not at all.
 
     Args:
         discriminator: the discriminator (e.g. :class:`kd_components.modules.SelfAttentionDiscriminator`), possibly
@@ -229,12 +231,13 @@ class AdversarialDistillationLoss(nn.Module):
         self.input_pool = tuple(int(f) for f in factors)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, *S) → (B, C, *S') average-pooled by ``input_pool`` (clipped to each axis's length)."""
+        """(B, C, *S) → (B, C, *S') average-pooled by ``input_pool`` (clipped to the discriminator's smallest input)."""
         dims = x.ndim - 2
         factors = self.input_pool * dims if len(self.input_pool) == 1 else self.input_pool
         if len(factors) != dims:
             raise ValueError(f"input_pool {self.input_pool} has {len(factors)} factors for {dims} spatial axes")
-        kernel = [min(f, size) for f, size in zip(factors, x.shape[2:])]
+        smallest = getattr(unwrap_network(self.discriminator), "min_input_size", 1)
+        kernel = [max(1, min(f, size // smallest)) for f, size in zip(factors, x.shape[2:])]
         if all(k == 1 for k in kernel):
             return x
         return _AVG_POOL[dims](x, kernel_size=kernel, stride=kernel)

@@ -16,6 +16,21 @@ def _maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
     return _spectral_norm(module) if enabled else module
 
 
+def _smallest_input(kernel_size: int, strides: Sequence[int], padding: int = 1) -> int:
+    """Smallest input size n for which convolutions (``kernel_size``, ``padding``, each stride in turn) all run."""
+    n = 1
+    while True:
+        size, fits = n, True
+        for stride in strides:
+            if size + 2 * padding < kernel_size:
+                fits = False
+                break
+            size = (size + 2 * padding - kernel_size) // stride + 1
+        if fits:
+            return n
+        n += 1
+
+
 class SelfAttentionBlock(nn.Module):
     """SAGAN self-attention over all spatial positions of an N-D feature, with a learned residual gate.
 
@@ -160,6 +175,8 @@ class PatchDiscriminator(nn.Module):
             layers.append(Act[Act.LEAKYRELU](negative_slope=negative_slope))
         layers.append(_maybe_sn(conv(widths[-1], 1, kernel_size, stride=1, padding=1), spectral_norm))
         self.model = nn.Sequential(*layers)
+        self.min_input_size = _smallest_input(kernel_size, [*strides, 1])
+        """The smallest size per axis that leaves every convolution an input at least as large as its kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, *S) → (B, 1, *S') score map."""

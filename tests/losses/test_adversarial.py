@@ -215,3 +215,13 @@ def test_input_pool_needs_one_factor_per_axis() -> None:
     student, teacher = _pair((2, 2, 8, 8, 8))
     with pytest.raises(ValueError, match="3 spatial axes"):
         loss(student, teacher)
+
+
+@pytest.mark.parametrize("size, pooled", [(128, 64), (48, 24), (32, 32), (24, 24)])
+def test_input_pool_never_goes_below_the_discriminator_smallest_input(size: int, pooled: int) -> None:
+    disc = PatchDiscriminator(2, 2, channels=4, num_layers=3, kernel_size=4)  # needs 24 per axis
+    assert disc.min_input_size == 24
+    loss = AdversarialDistillationLoss(disc, "hinge", input_pool=2)
+    student, teacher = _pair((2, 2, size, size))
+    assert loss._pool(student).shape[2:] == (pooled, pooled)
+    assert torch.isfinite(loss(student, teacher)) and torch.isfinite(loss.discriminator_step_loss(student, teacher))

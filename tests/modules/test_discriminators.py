@@ -78,3 +78,13 @@ def test_tanh_preprocessing() -> None:
     x = 10 * torch.randn(2, 2, 8, 8)
     assert torch.allclose(squashed(x), plain(torch.tanh(x)), atol=1e-6)
     assert not torch.allclose(squashed(x), plain(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel_size, num_layers, spatial_dims", [(4, 3, 2), (4, 2, 2), (3, 3, 2), (4, 1, 3)])
+def test_patch_discriminator_min_input_size_is_the_smallest_that_runs(kernel_size, num_layers, spatial_dims) -> None:
+    disc = PatchDiscriminator(spatial_dims, 2, channels=4, num_layers=num_layers, kernel_size=kernel_size)
+    n = disc.min_input_size
+    assert disc(torch.randn(1, 2, *[n] * spatial_dims)).numel() >= 1
+    if n > 1:
+        with pytest.raises(RuntimeError):
+            disc(torch.randn(1, 2, *[n - 1] * spatial_dims))
