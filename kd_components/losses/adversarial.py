@@ -242,15 +242,17 @@ class AdversarialDistillationLoss(nn.Module):
             return x
         return _AVG_POOL[dims](x, kernel_size=kernel, stride=kernel)
 
-    def _pair(
-        self, student: torch.Tensor, teacher: torch.Tensor, condition: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
         if student.shape != teacher.shape:
             raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+
+    def _critic_input(self, x: torch.Tensor, condition: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """What the discriminator sees of one side: ``[condition, x]`` along channels (the condition detached and
+        cast to ``dtype``, the student's), pooled by ``input_pool``."""
         if condition is not None:
-            condition = condition.detach().to(student.dtype)
-            student, teacher = torch.cat([condition, student], dim=1), torch.cat([condition, teacher], dim=1)
-        return self._pool(student), self._pool(teacher)
+            x = torch.cat([condition.detach().to(dtype), x], dim=1)
+        return self._pool(x)
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, condition: torch.Tensor | None = None
@@ -264,9 +266,8 @@ class AdversarialDistillationLoss(nn.Module):
         Returns:
             scalar generator loss for the student step.
         """
-        teacher = teacher.detach()
-        fake, _ = self._pair(student, teacher, condition)
-        return self.objective.generator_loss(self.discriminator, fake)
+        self._check_shapes(student, teacher)
+        return self.objective.generator_loss(self.discriminator, self._critic_input(student, condition, student.dtype))
 
     def discriminator_step_loss(
         self,
@@ -283,5 +284,7 @@ class AdversarialDistillationLoss(nn.Module):
             condition: optional (B, C_c, *S) tensor concatenated along channels to both sides.
             objective_kwargs: passed to the objective's ``discriminator_loss`` (``gp_scale``, ``batched``).
         """
-        fake, real = self._pair(student.detach(), teacher.detach(), condition)
+        self._check_shapes(student, teacher)
+        fake = self._critic_input(student.detach(), condition, student.dtype)
+        real = self._critic_input(teacher.detach(), condition, student.dtype)
         return self.objective.discriminator_loss(self.discriminator, real, fake, **objective_kwargs)

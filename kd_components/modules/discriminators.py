@@ -17,18 +17,15 @@ def _maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
 
 
 def _smallest_input(kernel_size: int, strides: Sequence[int], padding: int = 1) -> int:
-    """Smallest input size n for which convolutions (``kernel_size``, ``padding``, each stride in turn) all run."""
-    n = 1
-    while True:
-        size, fits = n, True
-        for stride in strides:
-            if size + 2 * padding < kernel_size:
-                fits = False
-                break
-            size = (size + 2 * padding - kernel_size) // stride + 1
-        if fits:
-            return n
-        n += 1
+    """Smallest input size n for which convolutions (``kernel_size``, ``padding``, each stride in turn) all run.
+
+    A convolution's output ``(n + 2·padding − kernel_size) // stride + 1`` is at least ``m ≥ 1`` exactly when
+    ``n ≥ (m − 1)·stride + kernel_size − 2·padding``, so the need is carried back from one output element.
+    """
+    need = 1
+    for stride in reversed(strides):
+        need = max(1, (need - 1) * stride + kernel_size - 2 * padding)
+    return need
 
 
 class SelfAttentionBlock(nn.Module):
