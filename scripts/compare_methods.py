@@ -89,6 +89,16 @@ Scale-out (every (method, seed) run is an independent job)
     one MLflow store: the default ``sqlite:///<out>/mlruns.db`` is fine on one machine; across machines pass
     ``--tracking_uri`` (an MLflow server) at planning time, or ``--no_mlflow``.
 
+Joining comparisons (``--collect --join OTHER ...``)
+    A variant trained later in a plan of its own (one override changed, e.g. a cheaper critic, over the same seeds)
+    is compared in one table with the first plan's student alone, teacher and methods: ``--join`` adds the other
+    plans' finished students as rows named by the settings they change (``lightvessel [critic_every=2]``), paired on
+    the same test cases with the same statistics, and each joined row is also compared with the same method of the
+    first plan (a section of its own: Δ, CI, verdict). The plans must share the bundle, the evaluated sets and the
+    teacher's weights (else it stops and says which differs). The report goes to ``<out>/joined/``::
+
+        python scripts/compare_methods.py --out outputs/cmp --collect --join outputs/cmp_cheap_critic
+
 Determinism
     Each stage is seeded (``monai.utils.set_determinism`` before the workflow is built, and again by the bundles'
     ``initialize``) and runs with ``torch.use_deterministic_algorithms(True, warn_only=True)``: the same seed
@@ -159,6 +169,9 @@ __all__ = [
     "job_dir",
     "run_job",
     "collect",
+    "join_plans",
+    "join_label",
+    "versus_own_method",
     "run_comparison",
     "compare",
     "summarize",
@@ -1368,6 +1381,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             "",
             "Note: the runs used different environments (threads / device / torch): " + "; ".join(sorted(environments)),
         ]
+    for record in results.get("joined", []):
+        names = "; ".join(f"{m} as `{label}`" for m, label in record["rows"].items())
+        lines += ["", f"Joined from {record['out']} (plan {record['plan_id']}, same teacher and test cases): {names}."]
     if results.get("missing_jobs"):
         lines += ["", f"**Missing jobs** (not finished, or from another plan): {', '.join(results['missing_jobs'])}."]
     for set_name, entry in plan["sets"].items():
@@ -1378,6 +1394,22 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             "",
             markdown_table(rows, unit, set_name, notes=False, n_resamples=plan["n_resamples"]),
         ]
+    versus = results.get("versus_own_method", [])
+    if versus:
+        lines += [
+            "",
+            "## Joined rows against the same method of the first plan",
+            "",
+            "| row | against | set | metric | Δ [95 % CI] | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in versus:
+            digits = _digits(e["metric"])
+            lines.append(
+                f"| {e['row']} | {e['against']} | {e['set']} | {_label(e['metric'], unit)} | "
+                f"{_signed(e['delta'], digits)} [{_signed(e['ci_low'], digits)}, {_signed(e['ci_high'], digits)}] | "
+                f"{e['verdict']} |"
+            )
     lines += ["", footnotes(rows, unit, plan["n_resamples"]) if rows and all("sets" in r for r in rows) else ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -1443,21 +1475,15 @@ def plot_comparison(
     return path
 
 
-def collect(out: str | Path, write: bool = True) -> dict[str, Any]:
-    """Build the comparison from the finished jobs' result files of the plan in ``out``.
+JOINED_DIR = "joined"
+"""Where ``--collect --join`` writes its report, inside the main comparison's folder (its own files stay)."""
+JOIN_SETTINGS = ("bundle", "sets", "hd95_unit")
+"""Plan settings that must be equal for two plans' students to share one table."""
 
-    Writes ``results.json`` (settings, every job's per-case, per-seed metrics under ``runs``, the summary ``rows``,
-    ``missing_jobs``), ``results.md`` and a plot per evaluated set (``results_<set>.png``), and logs the three to an
-    MLflow run named ``comparison``. Result files of another plan (an older ``plan.json``) count as missing.
 
-    Args:
-        out: the comparison's output folder (holding ``plan.json``).
-        write: write the files and the MLflow run (False: only return the results).
-
-    Returns:
-        the content of ``results.json``.
-    """
-    plan = read_plan(out)
+def _finished_jobs(plan: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The finished jobs of a plan (their ``result.json``, by job name) and the missing ones (not finished, or from
+    another plan of the same folder)."""
     finished: dict[str, dict[str, Any]] = {}
     missing = []
     for job in plan_jobs(plan):
@@ -1467,16 +1493,180 @@ def collect(out: str | Path, write: bool = True) -> dict[str, Any]:
             missing.append(job)
         else:
             finished[job] = result
-    rows = summarize(plan, finished)
+    return finished, missing
+
+
+def _teacher_identity(plan: Mapping[str, Any]) -> str:
+    """What makes two plans' teachers the same: the digest of the teacher weights when the files exist, else their
+    resolved paths."""
+    members = teacher_checkpoints(plan)
+    return _weights_digest(members) or " ".join(str(p.resolve()) for p in members)
+
+
+def join_label(main: Mapping[str, Any], other: Mapping[str, Any], method: str) -> str:
+    """The row name of ``method`` from the joined plan ``other``: the method and the settings in which ``other``
+    differs from ``main`` (``key=value``; ``key=default`` for an override only ``main`` sets), else the folder name.
+
+    Args:
+        main: the plan whose folder holds the joined report.
+        other: a joined plan.
+        method: one of ``other``'s methods.
+    """
+    mine, theirs = main["override"], other["override"]
+    parts = [f"{k}={json.dumps(v)}" for k, v in theirs.items() if k not in mine or mine[k] != v]
+    parts += [f"{k}=default" for k in mine if k not in theirs]
+    if (main.get("paraphraser_dir") or None) != (other.get("paraphraser_dir") or None):
+        parts.append(f"paraphraser_dir={other.get('paraphraser_dir')}")
+    return f"{method} [{', '.join(parts) or Path(other['out']).name}]"
+
+
+def join_plans(
+    plan: Mapping[str, Any], finished: dict[str, dict[str, Any]], others: Sequence[str | Path]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """Add the finished students of other plans to one comparison, as rows named by :func:`join_label`.
+
+    A joined plan must share the bundle, the evaluated sets and the HD95 unit of ``plan`` and the same teacher
+    (equal weights), so that every row is paired on the same test cases and measured against the same student alone
+    and teacher gap; its own teacher job is not needed. E.g. a cost lever trained in a plan of its own (same
+    seeds, one override changed) is compared with the student alone and the method's default in one table.
+
+    Args:
+        plan: the main plan (its ``none`` is the baseline, its teacher the teacher row).
+        finished: the main plan's finished jobs; the joined rows' jobs (``<label>:<seed>``) are added to it.
+        others: the joined comparisons' folders.
+
+    Returns:
+        the plan seen by :func:`summarize` (methods and seeds extended), one record per joined plan (``out``,
+        ``plan_id``, ``rows``: method -> row name) and the joined plans' missing student jobs.
+
+    Raises:
+        SystemExit: a joined plan differs in a shared setting or in its teacher, or a row name repeats.
+    """
+    view = {**plan, "methods": list(plan["methods"]), "seeds": list(plan["seeds"])}
+    joined: list[dict[str, Any]] = []
+    missing: list[str] = []
+    teacher = _teacher_identity(plan)
+    for out in others:
+        other = read_plan(out)
+        for key in JOIN_SETTINGS:
+            if other[key] != plan[key]:
+                raise SystemExit(
+                    f"cannot join {other['out']} to {plan['out']}: their {key} differ "
+                    f"({json.dumps(other[key])} against {json.dumps(plan[key])}); join only plans on the same bundle "
+                    "and test cases"
+                )
+        if _teacher_identity(other) != teacher:
+            raise SystemExit(
+                f"cannot join {other['out']} to {plan['out']}: their teachers differ "
+                f"({teacher_checkpoints(other)} against {teacher_checkpoints(plan)}); the gap and Δ would mix teachers"
+            )
+        done, not_done = _finished_jobs(other)
+        rows = {}
+        for method in other["methods"]:
+            label = join_label(plan, other, method)
+            if label in view["methods"]:
+                raise SystemExit(f"cannot join {other['out']}: its row {label!r} is already in the table")
+            view["methods"].append(label)
+            rows[method] = label
+            for seed in other["seeds"]:
+                result = done.get(f"{method}:{seed}")
+                if result is not None:
+                    finished[f"{label}:{seed}"] = {**result, "method": label, "model": f"student: {label}"}
+        view["seeds"] = sorted(set(view["seeds"]) | set(other["seeds"]))
+        missing += [f"{Path(other['out']).name}/{job}" for job in not_done if job != TEACHER_JOB]
+        joined.append({"out": other["out"], "plan_id": other["plan_id"], "rows": rows})
+    return view, joined, missing
+
+
+def versus_own_method(
+    plan: Mapping[str, Any],
+    finished: Mapping[str, Mapping[str, Any]],
+    joined: Sequence[Mapping[str, Any]],
+    n_resamples: int | None = None,
+) -> list[dict[str, Any]]:
+    """Each joined row against the same method of the main plan (e.g. a cheaper critic against the paper's), with
+    the table's statistics: per-case values averaged over each row's seeds, paired bootstrap CI of the difference
+    over the cases, verdict.
+
+    Args:
+        plan: the plan seen by :func:`summarize` (from :func:`join_plans`).
+        finished: every finished job, joined rows included (``<label>:<seed>``).
+        joined: the joined plans' records (:func:`join_plans`).
+        n_resamples: bootstrap resamples; None: the plan's.
+
+    Returns:
+        one entry per (joined row, set, metric): ``row``, ``against``, ``set``, ``metric``, ``delta``, ``ci_low``,
+        ``ci_high``, ``n_paired``, ``verdict``.
+    """
+    n_resamples = n_resamples or plan["n_resamples"]
+    entries: list[dict[str, Any]] = []
+    for record in joined:
+        for method, label in record["rows"].items():
+            for set_name in plan["sets"]:
+                mine = [finished[f"{label}:{s}"] for s in plan["seeds"] if f"{label}:{s}" in finished]
+                theirs = [finished[f"{method}:{s}"] for s in plan["seeds"] if f"{method}:{s}" in finished]
+                mine = [r for r in mine if set_name in r["sets"]]
+                theirs = [r for r in theirs if set_name in r["sets"]]
+                if not mine or not theirs:
+                    continue
+                cases = theirs[0]["sets"][set_name]["per_case"]["cases"]
+                for metric in _metric_names(theirs, set_name):
+                    diff = stats.paired_bootstrap_ci(
+                        stats.seed_average(_per_case(mine, set_name, metric, cases)),
+                        stats.seed_average(_per_case(theirs, set_name, metric, cases)),
+                        n_resamples,
+                        CONFIDENCE,
+                        BOOTSTRAP_SEED,
+                    )
+                    entries.append(
+                        {
+                            "row": label,
+                            "against": method,
+                            "set": set_name,
+                            "metric": metric,
+                            "delta": diff.estimate,
+                            "ci_low": diff.low,
+                            "ci_high": diff.high,
+                            "n_paired": diff.n,
+                            "verdict": stats.verdict(diff.low, diff.high, stats.higher_is_better(metric)),
+                        }
+                    )
+    return entries
+
+
+def collect(out: str | Path, write: bool = True, join: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Build the comparison from the finished jobs' result files of the plan in ``out``.
+
+    Writes ``results.json`` (settings, every job's per-case, per-seed metrics under ``runs``, the summary ``rows``,
+    ``missing_jobs``), ``results.md`` and a plot per evaluated set (``results_<set>.png``), and logs the three to an
+    MLflow run named ``comparison``. Result files of another plan (an older ``plan.json``) count as missing.
+
+    Args:
+        out: the comparison's output folder (holding ``plan.json``).
+        write: write the files and the MLflow run (False: only return the results).
+        join: other comparisons' folders whose students become rows of this table (:func:`join_plans`); the report
+            then goes to ``<out>/joined/`` and names the joined plans (``results.json``: ``joined``).
+
+    Returns:
+        the content of ``results.json``.
+    """
+    plan = read_plan(out)
+    finished, missing = _finished_jobs(plan)
+    view, joined, joined_missing = join_plans(plan, finished, join) if join else (plan, [], [])
+    rows = summarize(view, finished)
     results = {
-        "settings": plan,
-        "missing_jobs": missing,
+        "settings": view,
+        "missing_jobs": missing + joined_missing,
         "rows": rows,
         "runs": list(finished.values()),
     }
+    if joined:
+        results["joined"] = joined
+        results["versus_own_method"] = versus_own_method(view, finished, joined)
     if not write:
         return results
-    out = Path(plan["out"])
+    out = Path(plan["out"]) / (JOINED_DIR if joined else "")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
     (out / "results.md").write_text(markdown_report(results))
     plots = [
@@ -1485,9 +1675,11 @@ def collect(out: str | Path, write: bool = True) -> dict[str, Any]:
     tracking = _tracking(plan)
     if tracking:
         client = _client(tracking)
-        experiment_id = _experiment_id(tracking, out / "mlruns")
+        experiment_id = _experiment_id(tracking, Path(plan["out"]) / "mlruns")
         run = client.create_run(
-            experiment_id, run_name="comparison", tags={"method": "comparison", "plan": plan["plan_id"]}
+            experiment_id,
+            run_name="comparison (joined)" if joined else "comparison",
+            tags={"method": "comparison", "plan": plan["plan_id"]},
         )
         for path in [out / "results.md", out / "results.json", *[p for p in plots if p is not None]]:
             client.log_artifact(run.info.run_id, str(path))
@@ -1685,8 +1877,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only_job", default=None, metavar="JOB", help="run one job of <out>/plan.json: teacher or METHOD:SEED"
     )
     mode.add_argument("--collect", action="store_true", help="tables from the finished jobs of <out>/plan.json")
+    parser.add_argument(
+        "--join",
+        nargs="+",
+        default=[],
+        metavar="OUT",
+        help="with --collect: add the students of these comparisons (same bundle, test cases and teacher) as rows, "
+        "each named by the settings it changes; the report goes to <out>/joined/",
+    )
     args = parser.parse_args(argv)
 
+    if args.join and not args.collect:
+        raise SystemExit("--join adds rows to a --collect table: add --collect")
     if args.only_job or args.collect:
         given = [f"--{a}" for a in PLAN_ARGUMENTS if getattr(args, a) is not None]
         given += ["--override"] if args.override else []
@@ -1698,9 +1900,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_job(args.out, args.only_job, threads=args.threads)
             print(f"{args.only_job}: written {result['result_file']}")
             return 0
-        results = collect(args.out)
+        results = collect(args.out, join=args.join)
         print(markdown_report(results))
-        print(f"written: {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.json'}")
+        where = Path(args.out) / (JOINED_DIR if args.join else "")
+        print(f"written: {where / 'results.md'}, {where / 'results.json'}")
         return 0 if not results["missing_jobs"] else 1
 
     missing = [f"--{a}" for a in ("bundle", "methods", "dataset_dir") if getattr(args, a) is None]

@@ -562,3 +562,75 @@ def test_a_student_job_distils_from_the_ensemble(ensemble_run):
         assert "ensemble teacher member 1 of 2" in str(failed.value.__cause__)
     finally:
         files["polyp"].with_suffix(".gone").rename(files["polyp"])
+
+
+def _write_results(plan: dict, runs: dict) -> None:
+    """Write fake job results (``_fake_run``) where ``run_job`` would, stamped with the plan's id."""
+    for job, run in runs.items():
+        folder = compare_methods.job_dir(plan, job)
+        folder.mkdir(parents=True, exist_ok=True)
+        method = job.partition(":")[0]
+        model = method if method == compare_methods.TEACHER_JOB else f"student: {method}"
+        record = {**run, "job": job, "plan_id": plan["plan_id"], "method": method, "model": model}
+        (folder / compare_methods.RESULT_FILE).write_text(json.dumps(record))
+
+
+def test_join_adds_another_plans_students_as_rows_paired_with_the_same_baseline(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
+    files = _teacher_files(tmp_path / "teachers")
+    copy = tmp_path / "teachers" / "copy.pt"
+    shutil.copy(files["zero"], copy)  # the same weights in another file: the same teacher
+    settings = {"seeds": [0, 1], "track": False, "n_resamples": 2000, "epochs": 3}
+    plan_a = compare_methods.make_plan(
+        "polyp_kdas", ["none", "kdas"], data, tmp_path / "a", teacher_ckpt=files["zero"], **settings
+    )
+    plan_b = compare_methods.make_plan(
+        "polyp_kdas", ["kdas"], data, tmp_path / "b", teacher_ckpt=copy, **{**settings, "lr": 0.01}
+    )
+    plan, results = _fake_comparison()
+    good = {k.replace("good", "kdas"): v for k, v in results.items() if k.split(":")[0] in ("teacher", "none", "good")}
+    _write_results(plan_a, good)
+    _write_results(plan_b, {"kdas:0": results["bad:0"]})  # seed 1 not finished
+
+    joined = compare_methods.collect(tmp_path / "a", join=[tmp_path / "b"])
+    label = "kdas [lr=0.01]"
+    assert [r["model"] for r in joined["rows"]] == ["teacher", "student: none", "student: kdas", f"student: {label}"]
+    assert joined["missing_jobs"] == ["b/kdas:1"]
+    assert joined["joined"] == [{"out": plan_b["out"], "plan_id": plan_b["plan_id"], "rows": {"kdas": label}}]
+    # the joined row is the same statistic as if its runs had been a method of the first plan
+    direct = compare_methods.summarize(
+        {**plan, "methods": ["none", "bad"], "seeds": [0, 1]},
+        {k: v for k, v in results.items() if k in ("teacher", "none:0", "none:1", "bad:0")},
+        n_resamples=2000,
+    )
+    assert joined["rows"][3]["sets"]["test"]["metrics"]["mean_dice"]["delta"] == pytest.approx(
+        direct[2]["sets"]["test"]["metrics"]["mean_dice"]["delta"]
+    )
+    assert joined["rows"][3]["sets"]["test"]["metrics"]["mean_dice"]["verdict"] == "worse"
+    assert joined["rows"][3]["seeds"] == [0]
+    versus = {(e["set"], e["metric"]): e for e in joined["versus_own_method"]}  # the joined row against kdas
+    own = versus[("test", "mean_dice")]
+    assert own["row"] == label and own["against"] == "kdas" and own["verdict"] == "worse"
+    assert own["delta"] == pytest.approx(-0.08, abs=0.01) and own["ci_low"] < -0.08 < own["ci_high"] < 0
+    assert versus[("test", "hd95")]["delta"] == pytest.approx(5.0) and versus[("test", "hd95")]["verdict"] == "worse"
+    report = (tmp_path / "a" / "joined" / "results.md").read_text()
+    assert f"Joined from {plan_b['out']} (plan {plan_b['plan_id']}" in report and f"| student: {label} |" in report
+    assert f"| {label} | kdas | test | mean Dice | -0.08" in report
+    assert not (tmp_path / "a" / "results.md").exists()  # the first plan's own report is not replaced
+
+    other_teacher = compare_methods.make_plan(
+        "polyp_kdas", ["kdas"], data, tmp_path / "c", teacher_ckpt=files["polyp"], **settings
+    )
+    with pytest.raises(SystemExit, match="their teachers differ"):
+        compare_methods.collect(tmp_path / "a", write=False, join=[other_teacher["out"]])
+    other_unit = compare_methods.make_plan(
+        "polyp_kdas", ["kdas"], data, tmp_path / "d", teacher_ckpt=files["zero"], **settings, hd95_unit="mm"
+    )
+    with pytest.raises(SystemExit, match="their hd95_unit differ"):
+        compare_methods.collect(tmp_path / "a", write=False, join=[other_unit["out"]])
+    with pytest.raises(SystemExit, match="already in the table"):
+        compare_methods.collect(tmp_path / "a", write=False, join=[tmp_path / "b", tmp_path / "b"])
+    with pytest.raises(SystemExit, match="add --collect"):
+        compare_methods.main(["--out", str(tmp_path / "a"), "--only_job", "none:0", "--join", str(tmp_path / "b")])
+    assert compare_methods.main(["--out", str(tmp_path / "a"), "--collect", "--join", str(tmp_path / "b")]) == 1
