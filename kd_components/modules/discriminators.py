@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers import Act, Conv, Norm
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
@@ -28,41 +29,72 @@ def _smallest_input(kernel_size: int, strides: Sequence[int], padding: int = 1) 
     return need
 
 
-class SelfAttentionBlock(nn.Module):
-    """SAGAN self-attention over all spatial positions of an N-D feature, with a learned residual gate.
+def _max_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Max-pool every spatial axis of ``x`` (B, C, *S) by ``factor``; an axis shorter than ``factor`` is pooled by its
+    own length, a leftover at the end of an axis forms a smaller window (ceil mode), so nothing is dropped."""
+    if factor == 1:
+        return x
+    kernel = [min(factor, n) for n in x.shape[2:]]
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.ndim - 3]
+    return pool(x, kernel_size=kernel, stride=kernel, ceil_mode=True)
 
-    ``out = x + γ · V softmax(QᵀK)ᵀ`` where Q, K (C/r channels) and V (C channels) are 1×1(×1) convolutions of x
-    over the flattened positions, and γ is a learned scalar initialised to 0 (the block starts as the identity).
-    Memory is O(B·N²) for N positions: place it on coarse feature maps, especially in 3D. Computed with explicit
-    matrix products (not fused attention kernels) so that second derivatives exist, as WGAN-GP needs.
+
+class SelfAttentionBlock(nn.Module):
+    """SAGAN self-attention over the spatial positions of an N-D feature, with a learned residual gate.
+
+    ``out = x + γ · W_o V softmax(QᵀK)ᵀ``: Q, K (C/r channels) and V (C/v channels) are 1×1(×1) convolutions of x;
+    every position queries, the keys and values are max-pooled by ``key_pool`` per axis first (N/key_pool^d of
+    them); ``W_o`` is a 1×1 convolution back to C channels when v > 1 (absent when v = 1); γ is a learned scalar
+    initialised to 0 (the block starts as the identity). The SAGAN authors' code (``sn_non_local_block_sim``) uses
+    ``key_pool=2, value_reduction=2``: 4× fewer keys in 2D, half-width values, ≈ 8× less attention arithmetic. The
+    defaults (1, 1) are the paper's equations as written, full-resolution keys. Memory is O(B·N²/key_pool^d) for
+    N positions: place it on coarse feature maps, especially in 3D. Computed with explicit matrix products (not fused
+    attention kernels) so that second derivatives exist, as WGAN-GP needs.
 
     Args:
         spatial_dims: 1, 2 or 3.
         channels: input and output channels C.
         reduction: r, the channel reduction of the query and key projections.
-        spectral_norm: wrap the three projections in spectral normalisation.
+        spectral_norm: wrap the projections in spectral normalisation.
+        key_pool: max-pool factor per spatial axis of the keys and values (an axis shorter than it is pooled whole).
+        value_reduction: v, the channel reduction of the values; v > 1 adds the output projection ``W_o``.
 
     Reference:
-        Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019.
+        Zhang et al., "Self-Attention Generative Adversarial Networks", ICML 2019 (and the authors' TensorFlow code).
     """
 
-    def __init__(self, spatial_dims: int, channels: int, reduction: int = 8, spectral_norm: bool = True) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        reduction: int = 8,
+        spectral_norm: bool = True,
+        key_pool: int = 1,
+        value_reduction: int = 1,
+    ) -> None:
         super().__init__()
+        if key_pool < 1 or value_reduction < 1:
+            raise ValueError(f"key_pool and value_reduction must be >= 1, got {key_pool} and {value_reduction}")
         conv = Conv[Conv.CONV, spatial_dims]
         inner = max(1, channels // reduction)
+        values = max(1, channels // value_reduction)
+        self.key_pool = key_pool
         self.query = _maybe_sn(conv(channels, inner, kernel_size=1), spectral_norm)
         self.key = _maybe_sn(conv(channels, inner, kernel_size=1), spectral_norm)
-        self.value = _maybe_sn(conv(channels, channels, kernel_size=1), spectral_norm)
+        self.value = _maybe_sn(conv(channels, values, kernel_size=1), spectral_norm)
+        self.output: nn.Module = (
+            _maybe_sn(conv(values, channels, kernel_size=1), spectral_norm) if value_reduction > 1 else nn.Identity()
+        )
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) → (B, C, *S)."""
         q = self.query(x).flatten(2)  # (B, C', N)
-        k = self.key(x).flatten(2)  # (B, C', N)
-        v = self.value(x).flatten(2)  # (B, C, N)
-        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (B, N query, N key)
-        out = v @ attention.transpose(1, 2)  # (B, C, N query)
-        return x + self.gamma * out.view_as(x)
+        k = _max_pool(self.key(x), self.key_pool).flatten(2)  # (B, C', M), M = N / key_pool^d
+        v = _max_pool(self.value(x), self.key_pool).flatten(2)  # (B, C/v, M)
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (B, N query, M key)
+        out = (v @ attention.transpose(1, 2)).view(x.shape[0], -1, *x.shape[2:])  # (B, C/v, *S)
+        return x + self.gamma * self.output(out)
 
 
 class SelfAttentionDiscriminator(nn.Module):
@@ -81,6 +113,8 @@ class SelfAttentionDiscriminator(nn.Module):
         attention_blocks: indices of the blocks followed by self-attention (SAGAN: the last two).
         tanh_inputs: apply ``tanh`` to the input first.
         negative_slope: LeakyReLU slope.
+        attention_key_pool: :class:`SelfAttentionBlock`'s ``key_pool`` (the SAGAN authors' code: 2).
+        attention_value_reduction: :class:`SelfAttentionBlock`'s ``value_reduction`` (the SAGAN authors' code: 2).
 
     Shapes:
         input (B, in_channels, *S) → output (B, 1).
@@ -97,6 +131,8 @@ class SelfAttentionDiscriminator(nn.Module):
         attention_blocks: Sequence[int] = (2, 3),
         tanh_inputs: bool = False,
         negative_slope: float = 0.1,
+        attention_key_pool: int = 1,
+        attention_value_reduction: int = 1,
     ) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
@@ -111,7 +147,11 @@ class SelfAttentionDiscriminator(nn.Module):
                 Act[Act.LEAKYRELU](negative_slope=negative_slope),
             ]
             if i in wanted:
-                layers.append(SelfAttentionBlock(spatial_dims, out))
+                layers.append(
+                    SelfAttentionBlock(
+                        spatial_dims, out, key_pool=attention_key_pool, value_reduction=attention_value_reduction
+                    )
+                )
             width = out
         self.features = nn.Sequential(*layers)
         self.head = _spectral_norm(nn.Linear(width, 1))

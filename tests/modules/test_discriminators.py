@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -88,3 +91,50 @@ def test_patch_discriminator_min_input_size_is_the_smallest_that_runs(kernel_siz
     if n > 1:
         with pytest.raises(RuntimeError):
             disc(torch.randn(1, 2, *[n - 1] * spatial_dims))
+
+
+@pytest.mark.parametrize("spatial", [(9,), (8, 6), (5, 4, 1), (4, 3, 2)])
+def test_self_attention_with_pooled_keys_matches_the_sagan_code_by_hand(spatial: tuple[int, ...]) -> None:
+    # the SAGAN authors' block: every position queries, keys and values max-pooled 2x per axis (an axis of 1 stays,
+    # an odd axis keeps its last row in a smaller window), half-width values, a 1x1 output projection
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(len(spatial), 8, spectral_norm=False, key_pool=2, value_reduction=2)
+    x = torch.randn(2, 8, *spatial)
+    assert torch.equal(block(x), x)  # γ starts at 0: the identity
+    with torch.no_grad():
+        block.gamma.fill_(0.7)
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(spatial) - 1]
+    kernel = [min(2, n) for n in spatial]
+    q = block.query(x).flatten(2)
+    k = pool(block.key(x), kernel, kernel, ceil_mode=True).flatten(2)
+    v = pool(block.value(x), kernel, kernel, ceil_mode=True).flatten(2)
+    assert v.shape[1] == 4 and k.shape[2] == math.prod(-(-n // m) for n, m in zip(spatial, kernel))
+    expected = x + 0.7 * block.output(
+        (v @ torch.softmax(q.transpose(1, 2) @ k, -1).transpose(1, 2)).view(2, 4, *spatial)
+    )
+    assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+def test_pooled_attention_has_second_derivatives_and_the_default_keeps_its_parameters() -> None:
+    disc = SelfAttentionDiscriminator(
+        2, 2, channels=(4, 8), attention_blocks=(0, 1), attention_key_pool=2, attention_value_reduction=2
+    )
+    with torch.no_grad():
+        for block in [m for m in disc.modules() if isinstance(m, SelfAttentionBlock)]:
+            block.gamma.fill_(1.0)
+    x = torch.randn(2, 2, 16, 12, requires_grad=True)
+    (grad,) = torch.autograd.grad(disc(x).sum(), x, create_graph=True)
+    grad.pow(2).sum().backward()  # the WGAN-GP penalty's double backward
+    block = next(m for m in disc.modules() if isinstance(m, SelfAttentionBlock))
+    for projection in (block.key, block.output):  # spectral norm: the trained tensor is the parametrization's original
+        assert projection.parametrizations.weight.original.grad.abs().sum() > 0
+    assert len(_weighted_layers(disc)) == 2 + 2 * 4 + 1 and all(
+        parametrize.is_parametrized(m, "weight") for m in _weighted_layers(disc)
+    )
+    # key_pool=1, value_reduction=1 is the block as before: same parameters, so earlier checkpoints still load
+    assert sorted(SelfAttentionBlock(2, 8).state_dict()) == sorted(
+        k for k in SelfAttentionBlock(2, 8, key_pool=2).state_dict()
+    )
+    assert not any(k.startswith("output") for k in SelfAttentionBlock(2, 8).state_dict())
+    with pytest.raises(ValueError, match="key_pool and value_reduction"):
+        SelfAttentionBlock(2, 8, key_pool=0)
