@@ -1,9 +1,9 @@
 """Performance invariants of DistillationTrainer: what runs, how often, in which mode (no timing assertions).
 
-The teacher must run once per iteration, in eval mode, under ``torch.no_grad`` (not ``inference_mode``: inference
-tensors cannot be saved for backward), inside the student's autocast, on a plain tensor (no MetaTensor dispatch),
-and leave no autograd graph or gradient behind; taps are released after each step; a non-finite loss is reported
-before the optimizer steps.
+The teacher must run once per iteration, before the student's forward pass, in eval mode, under ``torch.no_grad``
+(not ``inference_mode``: inference tensors cannot be saved for backward), inside the student's autocast, on a plain
+tensor (no MetaTensor dispatch), and leave no autograd graph or gradient behind; taps are released after each step;
+a non-finite loss is reported before the optimizer steps.
 """
 
 from __future__ import annotations
@@ -116,6 +116,19 @@ def test_teacher_runs_inside_the_student_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trainer._iteration(trainer, _batches(1)[0])
     assert modes == {"student": True, "teacher": True}
+
+
+def test_teacher_runs_before_the_student_so_its_activations_are_gone_when_the_student_graph_exists() -> None:
+    """torchdistill's order: the teacher's pass (no graph) first, then the student's; peak memory is the larger of
+    the two passes instead of the student's graph plus the teacher's transient activations."""
+    trainer = _trainer(iterations=2)
+    order: list[tuple[str, int]] = []
+    trainer.teacher.register_forward_pre_hook(
+        lambda _m, _a: order.append(("teacher", len(trainer.student_taps.outputs)))
+    )
+    trainer.network.register_forward_pre_hook(lambda _m, _a: order.append(("student", 0)))
+    trainer.run()
+    assert order == [("teacher", 0), ("student", 0)] * 2  # no student tap (graph) alive during the teacher's pass
 
 
 def test_non_finite_loss_raises_before_the_optimizer_step() -> None:

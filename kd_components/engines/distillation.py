@@ -397,8 +397,8 @@ class DistillationTrainer(SupervisedTrainer):
 
         Same events, in the same order, as ``SupervisedTrainer._iteration`` (``FORWARD_COMPLETED`` after the
         student's forward pass, ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED``, ``MODEL_COMPLETED``), AMP and gradient
-        accumulation. Between the student's forward pass and its loss: the teacher's pass (same autocast) and the
-        discriminator steps (outside it).
+        accumulation. Before the student's forward pass: the teacher's (same autocast, no gradients); between the
+        student's forward pass and its loss: the discriminator steps (outside the autocast).
 
         Args:
             engine: this trainer (Ignite passes the engine).
@@ -450,12 +450,13 @@ class DistillationTrainer(SupervisedTrainer):
 
         try:
             with student_autocast():
+                teacher = self._teacher_sources(inputs)  # first: its activations are freed before the student's exist
                 self.student_taps.clear()
                 self.student_taps.active = True
                 engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
                 self.student_taps.active = False
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-                sources = self._sources(engine.state.output[Keys.PRED], targets, inputs)
+                sources = {**self._student_sources(engine.state.output[Keys.PRED], targets, inputs), **teacher}
             reported = self._discriminator_step(sources)
             with student_autocast():
                 loss, values = self._loss(engine.state.output[Keys.PRED], targets, sources, reported)
@@ -491,19 +492,33 @@ class DistillationTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-    def _sources(self, pred: torch.Tensor, label: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every tensor a term may read, ``{source: tensor}``: outputs, taps, label, image (the teacher run once)."""
+    def _student_sources(self, pred: torch.Tensor, label: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The student's side of what a term may read, ``{source: tensor}``: its output and taps, label, image."""
         sources: dict[str, torch.Tensor] = {"student": _plain(pred), "label": _plain(label), "image": _plain(image)}
         for name in self.student_taps.names:
             sources[f"student:{name}"] = _plain(self.student_taps[name])
-        if self._needs_teacher:
-            self.teacher.eval()
-            self.teacher_taps.active = True
+        return sources
+
+    def _teacher_sources(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's output and taps, ``{"teacher": logits, "teacher:<tap>": feature}``, from one pass without
+        gradients (empty when no term reads the teacher).
+
+        Run before the student's forward pass: the teacher's intermediate activations are then freed before the
+        student's graph exists, so the iteration's peak memory is the larger of the two, not their sum (torchdistill's
+        order; same values, since the two passes are independent).
+        """
+        if not self._needs_teacher:
+            return {}
+        self.teacher.eval()
+        self.teacher_taps.clear()
+        self.teacher_taps.active = True
+        try:
             with torch.no_grad():  # not inference_mode: terms may save teacher tensors for backward
-                sources["teacher"] = _plain(self.inferer(_plain(image), self.teacher))
+                sources = {"teacher": _plain(self.inferer(_plain(image), self.teacher))}
+        finally:
             self.teacher_taps.active = False
-            for name in self.teacher_taps.names:
-                sources[f"teacher:{name}"] = _plain(self.teacher_taps[name])
+        for name in self.teacher_taps.names:
+            sources[f"teacher:{name}"] = _plain(self.teacher_taps[name])
         return sources
 
     def _discriminator_step(self, sources: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
