@@ -1477,6 +1477,8 @@ def plot_comparison(
 
 JOINED_DIR = "joined"
 """Where ``--collect --join`` writes its report, inside the main comparison's folder (its own files stay)."""
+JOIN_LABEL_VALUE = 24
+"""Longest override value written out in a joined row's name."""
 JOIN_SETTINGS = ("bundle", "sets", "hd95_unit")
 """Plan settings that must be equal for two plans' students to share one table."""
 
@@ -1505,7 +1507,8 @@ def _teacher_identity(plan: Mapping[str, Any]) -> str:
 
 def join_label(main: Mapping[str, Any], other: Mapping[str, Any], method: str) -> str:
     """The row name of ``method`` from the joined plan ``other``: the method and the settings in which ``other``
-    differs from ``main`` (``key=value``; ``key=default`` for an override only ``main`` sets), else the folder name.
+    differs from ``main`` (``key=value``, a value longer than ``JOIN_LABEL_VALUE`` characters cut short with
+    ``...``; ``key=default`` for an override only ``main`` sets), else the folder name.
 
     Args:
         main: the plan whose folder holds the joined report.
@@ -1513,7 +1516,12 @@ def join_label(main: Mapping[str, Any], other: Mapping[str, Any], method: str) -
         method: one of ``other``'s methods.
     """
     mine, theirs = main["override"], other["override"]
-    parts = [f"{k}={json.dumps(v)}" for k, v in theirs.items() if k not in mine or mine[k] != v]
+
+    def short(value: Any) -> str:  # long values (a component's config) shortened; plan.json has them whole
+        text = json.dumps(value)
+        return text if len(text) <= JOIN_LABEL_VALUE else text[: JOIN_LABEL_VALUE - 3] + "..."
+
+    parts = [f"{k}={short(v)}" for k, v in theirs.items() if k not in mine or mine[k] != v]
     parts += [f"{k}=default" for k in mine if k not in theirs]
     if (main.get("paraphraser_dir") or None) != (other.get("paraphraser_dir") or None):
         parts.append(f"paraphraser_dir={other.get('paraphraser_dir')}")
