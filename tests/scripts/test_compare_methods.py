@@ -635,4 +635,6 @@ def test_join_adds_another_plans_students_as_rows_paired_with_the_same_baseline(
         compare_methods.main(["--out", str(tmp_path / "a"), "--only_job", "none:0", "--join", str(tmp_path / "b")])
     assert compare_methods.main(["--out", str(tmp_path / "a"), "--collect", "--join", str(tmp_path / "b")]) == 1
     long = {**plan_b, "override": {**plan_b["override"], "distill#schedule": {"_target_": "x" * 40}}}
-    assert compare_methods.join_label(plan_a, long, "kdas") == 'kdas [lr=0.01, distill#schedule={"_target_": "xxxxxxx...]'
+    assert (
+        compare_methods.join_label(plan_a, long, "kdas") == 'kdas [lr=0.01, distill#schedule={"_target_": "xxxxxxx...]'
+    )
