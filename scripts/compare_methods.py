@@ -1003,6 +1003,25 @@ def _per_case(runs: Sequence[Mapping[str, Any]], set_name: str, metric: str, cas
     return table
 
 
+def _paired_delta(
+    model: np.ndarray, reference: np.ndarray, metric: str, n_resamples: int
+) -> dict[str, float | int | str]:
+    """``model − reference`` on seed-averaged per-case values of ``metric`` (aligned on the same cases): the mean
+    difference with its paired bootstrap CI (seeded) and the verdict in the metric's direction.
+
+    Returns:
+        ``delta``, ``ci_low``, ``ci_high``, ``n_paired``, ``verdict``.
+    """
+    diff = stats.paired_bootstrap_ci(model, reference, n_resamples, CONFIDENCE, BOOTSTRAP_SEED)
+    return {
+        "delta": diff.estimate,
+        "ci_low": diff.low,
+        "ci_high": diff.high,
+        "n_paired": diff.n,
+        "verdict": stats.verdict(diff.low, diff.high, stats.higher_is_better(metric)),
+    }
+
+
 def summarize(
     plan: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]], n_resamples: int | None = None
 ) -> list[dict[str, Any]]:
@@ -1108,21 +1127,13 @@ def summarize(
                 )
                 if base is None or row is base or (base["model"], set_name, metric) not in seed_averages:
                     continue
-                diff = stats.paired_bootstrap_ci(
-                    seed_averages[(row["model"], set_name, metric)],
-                    seed_averages[(base["model"], set_name, metric)],
-                    n_resamples,
-                    CONFIDENCE,
-                    BOOTSTRAP_SEED,
-                )
                 values.update(
-                    {
-                        "delta": diff.estimate,
-                        "ci_low": diff.low,
-                        "ci_high": diff.high,
-                        "n_paired": diff.n,
-                        "verdict": stats.verdict(diff.low, diff.high, direction),
-                    }
+                    _paired_delta(
+                        seed_averages[(row["model"], set_name, metric)],
+                        seed_averages[(base["model"], set_name, metric)],
+                        metric,
+                        n_resamples,
+                    )
                 )
                 if row is not teacher and teacher is not None and set_name in teacher["sets"]:
                     teacher_value = teacher["sets"][set_name]["metrics"].get(metric, {}).get("mean", float("nan"))
@@ -1619,26 +1630,13 @@ def versus_own_method(
                     continue
                 cases = theirs[0]["sets"][set_name]["per_case"]["cases"]
                 for metric in _metric_names(theirs, set_name):
-                    diff = stats.paired_bootstrap_ci(
+                    delta = _paired_delta(
                         stats.seed_average(_per_case(mine, set_name, metric, cases)),
                         stats.seed_average(_per_case(theirs, set_name, metric, cases)),
+                        metric,
                         n_resamples,
-                        CONFIDENCE,
-                        BOOTSTRAP_SEED,
                     )
-                    entries.append(
-                        {
-                            "row": label,
-                            "against": method,
-                            "set": set_name,
-                            "metric": metric,
-                            "delta": diff.estimate,
-                            "ci_low": diff.low,
-                            "ci_high": diff.high,
-                            "n_paired": diff.n,
-                            "verdict": stats.verdict(diff.low, diff.high, stats.higher_is_better(metric)),
-                        }
-                    )
+                    entries.append({"row": label, "against": method, "set": set_name, "metric": metric, **delta})
     return entries
 
 
