@@ -248,6 +248,57 @@ def test_each_method_file_trains(bundle, method, tiny, tmp_path):
         assert copy.read_bytes() == b"precious"
 
 
+SEMI_SUPERVISED = [name for name in NAMES if (BUNDLES / name / "configs" / "semisupervised.json").is_file()]
+"""Bundles with the low-label paradigm as two overrides: ``semisupervised.json`` (distillation on every training
+image, supervision on a seeded ``labelled_fraction`` of them) and ``labelled_only.json`` (its baseline)."""
+
+
+def test_the_low_label_overrides_come_in_pairs():
+    assert {"polyp_kdas", "vessel_lightvessel"} <= set(SEMI_SUPERVISED)
+    assert all((BUNDLES / name / "configs" / "labelled_only.json").is_file() for name in SEMI_SUPERVISED)
+
+
+@pytest.mark.parametrize("bundle", SEMI_SUPERVISED)
+def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle, tiny, tmp_path):
+    """With ``semisupervised.json`` the bundle's own transforms load the unlabelled images (no label file read), give
+    them an all-zero placeholder label and a ``labelled`` flag collated per sample; the trainer counts exactly the
+    split's labelled share and trains every term; ``labelled_only.json`` trains on the labelled images only,
+    repeated to the whole list's length (as many steps per epoch)."""
+    setup = tiny(bundle)
+    over = {**setup.student(tmp_path), "labelled_fraction": 0.5, "seed": 3}
+    wf = make_workflow(bundle, ["train.json", "semisupervised.json"], **over)
+    wf.initialize()
+    split = wf.parser.get_parsed_content("labelled_split")
+    assert sum(item["labelled"] for item in split) == round(0.5 * len(split))
+    assert all(("label" in item) == item["labelled"] for item in split)
+    flags, foreground = [], 0
+    for batch in wf.parser.get_parsed_content("train#dataloader"):
+        labelled = batch["labelled"]
+        assert labelled.dtype == torch.bool and labelled.shape == (len(batch["image"]),)
+        assert batch["label"].shape[2:] == batch["image"].shape[2:]
+        assert not batch["label"][~labelled].any(), "an unlabelled image's placeholder label is all background"
+        foreground += int(batch["label"][labelled].sum())
+        flags += labelled.tolist()
+    assert sorted(flags) == sorted(item["labelled"] for item in split), "one sample per image, each with its flag"
+    assert foreground > 0, "the labelled images keep their labels"
+    wf.run()
+    wf.finalize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.semi_supervised
+    assert trainer.state.metrics["train_labelled_fraction"] == pytest.approx(0.5, abs=0.5 / len(split))
+    terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
+    assert terms and all(np.isfinite(trainer.state.metrics[f"train_{name}"]) for name in terms)
+
+    base = make_workflow(
+        bundle, ["train.json", "methods/none.json", "labelled_only.json"], **{**over, "ckpt_dir": str(tmp_path / "b")}
+    )
+    base.initialize()
+    data = base.parser.get_parsed_content("train#dataset").data
+    assert {d["image"] for d in data} == {item["image"] for item in split if item["labelled"]}
+    assert len(data) == len(split), "repeated to the whole list's length: as many steps per epoch"
+    assert base.parser.get_parsed_content("train#trainer").teacher is None
+
+
 DDP_BATCH = {
     "cardiac3d_swin": 1,
     "multiorgan_graphflow": 4,
