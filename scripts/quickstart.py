@@ -31,18 +31,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import (  # noqa: E402
-    RESULT_FILE,
-    collect,
-    job_command,
-    job_dir,
-    make_plan,
-    markdown_report,
-    plan_jobs,
-)
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python scripts/quickstart.py` from anywhere
+    sys.path.insert(0, str(REPO))
 
 from kd_components.data.common import DATALIST_NAME  # noqa: E402
+from scripts.comparison.collect import collect  # noqa: E402
+from scripts.comparison.jobs import RESULT_FILE, job_command, job_dir, plan_jobs  # noqa: E402
+from scripts.comparison.plan import make_plan  # noqa: E402
+from scripts.comparison.report import markdown_report  # noqa: E402
 
 EPOCH_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
 STUDENT_ALONE = "none+labelled_only"

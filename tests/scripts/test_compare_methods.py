@@ -7,7 +7,6 @@ import json
 import math
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,21 @@ from PIL import Image
 
 from kd_components.data.synthetic import make_synthetic_polyps
 from kd_components.ensemble import EnsembleTeacher
+from scripts import compare_methods
+from scripts.comparison import plan as plan_module
+from scripts.comparison import runner as runner_module
+from scripts.comparison.collect import collect
+from scripts.comparison.evaluation import _csv_means, evaluate_stage
+from scripts.comparison.jobs import RESULT_FILE, TEACHER_JOB, _jsonable, job_dir, plan_jobs
+from scripts.comparison.join import join_label
+from scripts.comparison.plan import ensemble_overrides, make_plan, read_plan, teacher_checkpoints
+from scripts.comparison.report import markdown_report, markdown_table
+from scripts.comparison.runner import run_job
+from scripts.comparison.sequential import compare
+from scripts.comparison.stages import _parameters, _weights_digest, _workflow, available_methods, method_configs
+from scripts.comparison.summary import summarize
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import compare_methods  # noqa: E402
-
 POLYP = REPO / "bundles" / "polyp_kdas"
 
 
@@ -42,25 +50,25 @@ def _row(model: str, dice: float, cldice: float | None = None) -> dict:
 
 
 def test_available_methods_lists_none_first():
-    methods = compare_methods.available_methods(POLYP)
+    methods = available_methods(POLYP)
     assert methods[0] == "none"
     assert "kdas" in methods and methods == ["none", *sorted(methods[1:])]
 
 
 def test_method_configs_merge_parts_in_order_and_name_what_is_missing():
-    assert compare_methods.method_configs(POLYP, "kdas") == ["train.json", "methods/kdas.json"]
-    assert compare_methods.method_configs(POLYP, "none+train_teacher") == [
+    assert method_configs(POLYP, "kdas") == ["train.json", "methods/kdas.json"]
+    assert method_configs(POLYP, "none+train_teacher") == [
         "train.json",
         "methods/none.json",
         "train_teacher.json",
     ]
     with pytest.raises(SystemExit, match=r"no method or override 'kdaz'.*methods: \['none'"):
-        compare_methods.method_configs(POLYP, "kdaz")
+        method_configs(POLYP, "kdaz")
 
 
 def test_markdown_table_shows_difference_to_student_alone_and_extra_metrics():
     rows = [_row("teacher", 0.9, 0.8), _row("student: none", 0.7, 0.6), _row("student: x", 0.75, 0.65)]
-    table = compare_methods.markdown_table(rows, hd95_unit="vox").splitlines()
+    table = markdown_table(rows, hd95_unit="vox").splitlines()
     assert table[0].split(" | ")[1:] == [
         "Dice polyp",
         "mean Dice",
@@ -79,7 +87,7 @@ def test_markdown_table_shows_difference_to_student_alone_and_extra_metrics():
 def test_csv_means_ignore_non_finite_cases(tmp_path):
     csv = tmp_path / "val_mean_dice_raw.csv"
     csv.write_text("filename\tclass0\tmean\na\t0.5\t0.5\nb\tnan\tinf\nc\t1.0\t0.0\n".replace("\t", ","))
-    assert compare_methods._csv_means(csv) == {"class0": 0.75, "mean": 0.25}
+    assert _csv_means(csv) == {"class0": 0.75, "mean": 0.25}
 
 
 PARAPHRASER_STAGE = {
@@ -130,7 +138,8 @@ def bundle_with_paraphraser(tmp_path, monkeypatch) -> str:
     train = json.loads((configs / "train.json").read_text())
     train["paraphraser_dir"] = "@ckpt_dir"
     (configs / "train.json").write_text(json.dumps(train))
-    monkeypatch.setattr(compare_methods, "BUNDLES", bundles)
+    for module in (plan_module, runner_module):  # where make_plan and run_job look the bundle up
+        monkeypatch.setattr(module, "BUNDLES", bundles)
     return "probe"
 
 
@@ -141,7 +150,7 @@ def test_compare_trains_teacher_paraphraser_and_methods_then_tabulates_and_track
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     out = tmp_path / "out"
     fast = {"epochs": 1, "image_size": [32, 32], "batch_size": 4, "num_workers": 0}
-    rows = compare_methods.compare(bundle_with_paraphraser, ["none", "needs_paraphraser"], data, out, **fast)
+    rows = compare(bundle_with_paraphraser, ["none", "needs_paraphraser"], data, out, **fast)
 
     assert [r["model"] for r in rows] == ["teacher", "student: none", "student: needs_paraphraser"]
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("comparison job")]
@@ -181,10 +190,10 @@ def test_a_reused_teacher_gets_its_paraphrasers_in_the_comparison_not_in_its_own
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     teacher_dir = tmp_path / "my_teacher"
     teacher_dir.mkdir()
-    wf = compare_methods._workflow(compare_methods.BUNDLES / bundle_with_paraphraser, ["train.json"], "train")
+    wf = _workflow(plan_module.BUNDLES / bundle_with_paraphraser, ["train.json"], "train")
     torch.save(wf.parser.get_parsed_content("teacher_def").state_dict(), teacher_dir / "teacher.pt")
     fast = {"epochs": 1, "image_size": [32, 32], "batch_size": 4, "num_workers": 0}
-    plan = compare_methods.make_plan(
+    plan = make_plan(
         bundle_with_paraphraser,
         ["needs_paraphraser"],
         data,
@@ -192,35 +201,35 @@ def test_a_reused_teacher_gets_its_paraphrasers_in_the_comparison_not_in_its_own
         teacher_ckpt=teacher_dir / "teacher.pt",
         **fast,
     )
-    compare_methods.run_job(plan["out"], "teacher")
+    run_job(plan["out"], "teacher")
     assert sorted(p.name for p in teacher_dir.iterdir()) == ["teacher.pt"]  # the user's folder is left alone
     assert (Path(plan["paraphraser_dir"]) / "paraphraser_deep.pt").is_file()
-    compare_methods.run_job(plan["out"], "needs_paraphraser:0")  # finds them there
+    run_job(plan["out"], "needs_paraphraser:0")  # finds them there
 
 
 def test_compare_refuses_unknown_method_or_missing_teacher_before_training(tmp_path):
     data = tmp_path / "data"
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     with pytest.raises(SystemExit, match="teacher checkpoint .* not found"):
-        compare_methods.compare("polyp_kdas", ["none"], data, tmp_path / "out", teacher_ckpt=tmp_path / "t.pt")
+        compare("polyp_kdas", ["none"], data, tmp_path / "out", teacher_ckpt=tmp_path / "t.pt")
     with pytest.raises(SystemExit, match="no method or override 'kdaz'"):
-        compare_methods.compare("polyp_kdas", ["none", "kdaz"], data, tmp_path / "out")
+        compare("polyp_kdas", ["none", "kdaz"], data, tmp_path / "out")
     with pytest.raises(SystemExit, match="seeds are repeated"):
-        compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "out", seeds=[1, 1])
+        make_plan("polyp_kdas", ["none"], data, tmp_path / "out", seeds=[1, 1])
     with pytest.raises(SystemExit, match="eval_sets takes name=path"):
-        compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "out", eval_sets=["cvc"])
+        make_plan("polyp_kdas", ["none"], data, tmp_path / "out", eval_sets=["cvc"])
     assert not (tmp_path / "out" / "teacher").exists()
 
 
 def test_parameter_counts_follow_the_run_overrides():
-    default = compare_methods._parameters(POLYP, "network_def")
-    wider = compare_methods._parameters(POLYP, "network_def", num_classes=3)
+    default = _parameters(POLYP, "network_def")
+    wider = _parameters(POLYP, "network_def", num_classes=3)
     assert wider > default  # one more output channel in the last convolutions
 
 
 def test_markdown_table_takes_a_combined_none_as_the_student_alone():
     rows = [_row("teacher", 0.9), _row("student: none+labelled_only", 0.5), _row("student: semi", 0.6)]
-    last = [c.strip() for c in compare_methods.markdown_table(rows).splitlines()[4].split("|")[1:-1]]
+    last = [c.strip() for c in markdown_table(rows).splitlines()[4].split("|")[1:-1]]
     assert last[0] == "student: semi" and last[3] == "+0.1000"
 
 
@@ -262,7 +271,7 @@ def _fake_comparison():
 
 def test_summarize_gives_deltas_cis_verdicts_and_gap_closed():
     plan, results = _fake_comparison()
-    rows = compare_methods.summarize(plan, results)
+    rows = summarize(plan, results)
     by = {r["method"]: r["sets"]["test"]["metrics"] for r in rows}
     assert [r["model"] for r in rows] == ["teacher", "student: none", "student: good", "student: bad", "student: same"]
     assert by["teacher"]["mean_dice"]["verdict"] == "better"  # the teacher–student gap
@@ -285,10 +294,10 @@ def test_summarize_gives_deltas_cis_verdicts_and_gap_closed():
     )
     assert len(none["sets"]["test"]["metrics"]["mean_dice"]["per_seed"]) == 2
     assert math.isfinite(none["sets"]["test"]["metrics"]["mean_dice"]["sd"])
-    again = compare_methods.summarize(plan, results)  # seeded resampling: the same numbers again
-    assert json.dumps(compare_methods._jsonable(again)) == json.dumps(compare_methods._jsonable(rows))
+    again = summarize(plan, results)  # seeded resampling: the same numbers again
+    assert json.dumps(_jsonable(again)) == json.dumps(_jsonable(rows))
 
-    table = compare_methods.markdown_table(rows)
+    table = markdown_table(rows)
     assert "Teacher − student alone (none), mean Dice: +0.06" in table and "the teacher is better" in table
     good_line = next(line for line in table.splitlines() if line.startswith("| student: good | mean Dice |"))
     assert "| better | 5" in good_line
@@ -300,10 +309,10 @@ def test_gap_closed_is_na_when_the_teacher_is_not_better():
     plan, results = _fake_comparison()
     teacher = results["teacher"]["sets"]["test"]["per_case"]["metrics"]
     teacher["mean_dice"] = [d - 0.1 for d in results["none:0"]["sets"]["test"]["per_case"]["metrics"]["mean_dice"]]
-    rows = compare_methods.summarize(plan, results)
+    rows = summarize(plan, results)
     good = rows[2]["sets"]["test"]["metrics"]["mean_dice"]
     assert good["verdict"] == "better" and math.isnan(good["gap_closed"])
-    table = compare_methods.markdown_table(rows)
+    table = markdown_table(rows)
     assert "the teacher is WORSE than the student alone" in table
     assert next(line for line in table.splitlines() if line.startswith("| student: good | mean Dice |")).endswith(
         "| better | n/a |"
@@ -349,6 +358,7 @@ def test_plan_writes_one_command_per_job_and_collect_builds_the_tables(planned):
     out, commands = planned["out"], planned["commands"]
     jobs = [c[c.index("--only_job") + 1] for c in commands if "--only_job" in c]
     assert jobs == ["teacher", "none:0", "none:1"] and "--collect" in commands[-1]
+    assert {tuple(c[:2]) for c in commands} == {("python", str(REPO / "scripts" / "compare_methods.py"))}
     assert planned["early"]["missing_jobs"] == jobs and planned["early"]["rows"] == []
     results = json.loads((out / "results.json").read_text())
     assert results["missing_jobs"] == [] and results["settings"]["seeds"] == [0, 1]
@@ -391,7 +401,7 @@ def test_same_seed_gives_the_same_run_and_different_seeds_different_runs(planned
     other = json.loads((out / "none" / "seed1" / "result.json").read_text())
     assert first["weights_md5"] != other["weights_md5"]  # different seeds: different runs
     torch.rand(1000)  # whatever ran before in this process must not matter
-    again = compare_methods.run_job(out, "none:0")
+    again = run_job(out, "none:0")
     assert again["weights_md5"] == first["weights_md5"]
     assert again["sets"]["test"]["per_case"] == first["sets"]["test"]["per_case"]
     assert again["environment"]["threads"] == first["environment"]["threads"]
@@ -410,11 +420,11 @@ def test_only_job_and_collect_read_the_plan(planned):
 def test_empty_predictions_are_counted_and_penalised_with_the_diagonal(tmp_path):
     data = tmp_path / "data"
     make_synthetic_polyps(data, n=20, size=(32, 32), seed=0, fractions=(0.5, 0.1, 0.4), overwrite=True)
-    network = compare_methods._workflow(POLYP, ["train.json"], "train").parser.get_parsed_content("network_def")
+    network = _workflow(POLYP, ["train.json"], "train").parser.get_parsed_content("network_def")
     for parameter in network.parameters():  # equal logits everywhere: argmax is the background, nothing predicted
         torch.nn.init.zeros_(parameter)
     torch.save(network.state_dict(), tmp_path / "model.pt")
-    result = compare_methods.evaluate_stage(
+    result = evaluate_stage(
         POLYP,
         ["train.json"],
         tmp_path / "eval",
@@ -440,7 +450,7 @@ def _teacher_files(root: Path) -> dict[str, Path]:
     """Two checkpoints of polyp_kdas's teacher_def with the same random features: ``zero`` (an output block of
     zeros: equal logits, nothing predicted) and ``polyp`` (a last bias that predicts the polyp everywhere)."""
     root.mkdir(parents=True, exist_ok=True)
-    teacher = compare_methods._workflow(POLYP, ["train.json"], "train").parser.get_parsed_content("teacher_def")
+    teacher = _workflow(POLYP, ["train.json"], "train").parser.get_parsed_content("teacher_def")
     with torch.no_grad():
         for parameter in teacher.model[2].parameters():  # the last up-sampling block and its residual unit
             parameter.zero_()
@@ -460,33 +470,31 @@ def test_several_teacher_checkpoints_make_an_ensemble_plan_and_one_keeps_the_ear
     members = [str(files["zero"]), str(files["polyp"])]
     common = ["--bundle", "polyp_kdas", "--methods", "none", "kdas", "--dataset_dir", str(data), "--out", str(out)]
     assert compare_methods.main([*common, "--teacher_ckpt", *members, "--no_mlflow", "--plan"]) == 0
-    plan = compare_methods.read_plan(out)
+    plan = read_plan(out)
     assert plan["teacher_ckpt"] == members and plan["train_teacher"] is False
-    assert compare_methods.teacher_checkpoints(plan) == [files["zero"], files["polyp"]]
-    assert compare_methods.plan_jobs(plan) == ["teacher", "none:0", "kdas:0"]
-    report = compare_methods.markdown_report(compare_methods.collect(out, write=False))
+    assert teacher_checkpoints(plan) == [files["zero"], files["polyp"]]
+    assert plan_jobs(plan) == ["teacher", "none:0", "kdas:0"]
+    report = markdown_report(collect(out, write=False))
     assert f"Teacher: an ensemble of 2 (mean of logits, feature taps of the first): {', '.join(members)}" in report
 
-    single = compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "one", teacher_ckpt=[files["zero"]])
+    single = make_plan("polyp_kdas", ["none"], data, tmp_path / "one", teacher_ckpt=[files["zero"]])
     assert single["teacher_ckpt"] == str(files["zero"])  # a plain path, as in plans written before ensembles
-    assert compare_methods.teacher_checkpoints(single) == [files["zero"]]
+    assert teacher_checkpoints(single) == [files["zero"]]
     with pytest.raises(SystemExit, match=r"ensemble member 1 .*missing\.pt not found"):
-        compare_methods.make_plan(
-            "polyp_kdas", ["none"], data, tmp_path / "bad", teacher_ckpt=[files["zero"], tmp_path / "missing.pt"]
-        )
+        make_plan("polyp_kdas", ["none"], data, tmp_path / "bad", teacher_ckpt=[files["zero"], tmp_path / "missing.pt"])
     with pytest.raises(SystemExit, match="more than once"):
-        compare_methods.make_plan("polyp_kdas", ["none"], data, tmp_path / "bad", teacher_ckpt=[files["zero"]] * 2)
+        make_plan("polyp_kdas", ["none"], data, tmp_path / "bad", teacher_ckpt=[files["zero"]] * 2)
 
 
 def test_ensemble_overrides_replace_the_teacher_unless_the_method_has_none():
     members = ["/t/a.pt", "/t/b.pt"]
-    kdas = compare_methods.ensemble_overrides(POLYP, compare_methods.method_configs(POLYP, "kdas"), members)
+    kdas = ensemble_overrides(POLYP, method_configs(POLYP, "kdas"), members)
     assert kdas == {
         "teacher": "$kd_components.load_ensemble_teacher(@teacher_def, ['/t/a.pt', '/t/b.pt'], @device, "
         "tap_member=0, hint=@teacher_hint)"
     }
-    assert compare_methods.ensemble_overrides(POLYP, compare_methods.method_configs(POLYP, "none"), members) == {}
-    evaluated = compare_methods.ensemble_overrides(POLYP, ["train.json", "train_teacher.json"], members, True)
+    assert ensemble_overrides(POLYP, method_configs(POLYP, "none"), members) == {}
+    evaluated = ensemble_overrides(POLYP, ["train.json", "train_teacher.json"], members, True)
     assert evaluated["network"] == kdas["teacher"]
     handlers = json.loads((POLYP / "configs" / "evaluate.json").read_text())["validate#handlers"]
     loader = next(i for i, h in enumerate(handlers) if h["_target_"] == "CheckpointLoader")
@@ -502,11 +510,11 @@ def ensemble_run(tmp_path_factory) -> dict:
     make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
     files = _teacher_files(root / "teachers")
     fast = {"epochs": 1, "image_size": [32, 32], "batch_size": 4, "num_workers": 0}
-    plan = compare_methods.make_plan(
+    plan = make_plan(
         "polyp_kdas", ["kdas"], data, root / "out", teacher_ckpt=[files["zero"], files["polyp"]], track=False, **fast
     )
-    teacher = compare_methods.run_job(plan["out"], "teacher")
-    student = compare_methods.run_job(plan["out"], "kdas:0")
+    teacher = run_job(plan["out"], "teacher")
+    student = run_job(plan["out"], "kdas:0")
     return {"root": root, "data": data, "files": files, "plan": plan, "teacher": teacher, "student": student}
 
 
@@ -515,7 +523,7 @@ def test_the_teacher_job_evaluates_the_ensemble_not_its_first_member(ensemble_ru
     fast = {"image_size": [32, 32], "num_workers": 0, "dataset_dir": str(data)}
     alone = {}
     for name in ("zero", "polyp"):
-        alone[name] = compare_methods.evaluate_stage(
+        alone[name] = evaluate_stage(
             POLYP,
             ["train.json", "train_teacher.json"],
             ensemble_run["root"] / f"eval_{name}",
@@ -531,34 +539,34 @@ def test_the_teacher_job_evaluates_the_ensemble_not_its_first_member(ensemble_ru
     assert ensemble["per_case"]["metrics"]["mean_dice"] == pytest.approx(
         alone["polyp"]["per_case"]["metrics"]["mean_dice"]
     )
-    single = compare_methods._parameters(POLYP, "teacher_def")
+    single = _parameters(POLYP, "teacher_def")
     assert teacher["params"] == 2 * single
     assert teacher["weights"] == [str(files["zero"]), str(files["polyp"])]
-    assert teacher["weights_md5"] not in (None, compare_methods._weights_digest(files["zero"]))
+    assert teacher["weights_md5"] not in (None, _weights_digest(files["zero"]))
 
 
 def test_a_student_job_distils_from_the_ensemble(ensemble_run):
     plan, files = ensemble_run["plan"], ensemble_run["files"]
-    names = compare_methods.method_configs(POLYP, "kdas")
+    names = method_configs(POLYP, "kdas")
     stage = {
         **plan["override"],
         "dataset_dir": plan["sets"]["test"]["dataset_dir"],
         "teacher_ckpt": str(files["zero"]),
-        **compare_methods.ensemble_overrides(POLYP, names, compare_methods.teacher_checkpoints(plan)),
+        **ensemble_overrides(POLYP, names, teacher_checkpoints(plan)),
     }
-    teacher = compare_methods._workflow(POLYP, names, "train", **stage).parser.get_parsed_content("teacher")
+    teacher = _workflow(POLYP, names, "train", **stage).parser.get_parsed_content("teacher")
     assert isinstance(teacher, EnsembleTeacher) and teacher.num_members == 2 and teacher.tap_member == 0
     student = ensemble_run["student"]
     assert student["model"] == "student: kdas" and 0.0 <= student["sets"]["test"]["mean_dice"] <= 1.0
     assert Path(student["weights"]).is_file()
-    rows = compare_methods.collect(plan["out"], write=False)["rows"]
+    rows = collect(plan["out"], write=False)["rows"]
     assert [r["model"] for r in rows] == ["teacher", "student: kdas"] and rows[0]["params"] == ensemble_run["teacher"][
         "params"
     ]
     files["polyp"].rename(files["polyp"].with_suffix(".gone"))  # the student job loads every member
     try:
         with pytest.raises(RuntimeError) as failed:  # MONAI's config error, caused by the loader's
-            compare_methods.run_job(plan["out"], "kdas:0")
+            run_job(plan["out"], "kdas:0")
         assert "ensemble teacher member 1 of 2" in str(failed.value.__cause__)
     finally:
         files["polyp"].with_suffix(".gone").rename(files["polyp"])
@@ -567,12 +575,12 @@ def test_a_student_job_distils_from_the_ensemble(ensemble_run):
 def _write_results(plan: dict, runs: dict) -> None:
     """Write fake job results (``_fake_run``) where ``run_job`` would, stamped with the plan's id."""
     for job, run in runs.items():
-        folder = compare_methods.job_dir(plan, job)
+        folder = job_dir(plan, job)
         folder.mkdir(parents=True, exist_ok=True)
         method = job.partition(":")[0]
-        model = method if method == compare_methods.TEACHER_JOB else f"student: {method}"
+        model = method if method == TEACHER_JOB else f"student: {method}"
         record = {**run, "job": job, "plan_id": plan["plan_id"], "method": method, "model": model}
-        (folder / compare_methods.RESULT_FILE).write_text(json.dumps(record))
+        (folder / RESULT_FILE).write_text(json.dumps(record))
 
 
 def test_join_adds_another_plans_students_as_rows_paired_with_the_same_baseline(tmp_path):
@@ -582,24 +590,20 @@ def test_join_adds_another_plans_students_as_rows_paired_with_the_same_baseline(
     copy = tmp_path / "teachers" / "copy.pt"
     shutil.copy(files["zero"], copy)  # the same weights in another file: the same teacher
     settings = {"seeds": [0, 1], "track": False, "n_resamples": 2000, "epochs": 3}
-    plan_a = compare_methods.make_plan(
-        "polyp_kdas", ["none", "kdas"], data, tmp_path / "a", teacher_ckpt=files["zero"], **settings
-    )
-    plan_b = compare_methods.make_plan(
-        "polyp_kdas", ["kdas"], data, tmp_path / "b", teacher_ckpt=copy, **{**settings, "lr": 0.01}
-    )
+    plan_a = make_plan("polyp_kdas", ["none", "kdas"], data, tmp_path / "a", teacher_ckpt=files["zero"], **settings)
+    plan_b = make_plan("polyp_kdas", ["kdas"], data, tmp_path / "b", teacher_ckpt=copy, **{**settings, "lr": 0.01})
     plan, results = _fake_comparison()
     good = {k.replace("good", "kdas"): v for k, v in results.items() if k.split(":")[0] in ("teacher", "none", "good")}
     _write_results(plan_a, good)
     _write_results(plan_b, {"kdas:0": results["bad:0"]})  # seed 1 not finished
 
-    joined = compare_methods.collect(tmp_path / "a", join=[tmp_path / "b"])
+    joined = collect(tmp_path / "a", join=[tmp_path / "b"])
     label = "kdas [lr=0.01]"
     assert [r["model"] for r in joined["rows"]] == ["teacher", "student: none", "student: kdas", f"student: {label}"]
     assert joined["missing_jobs"] == ["b/kdas:1"]
     assert joined["joined"] == [{"out": plan_b["out"], "plan_id": plan_b["plan_id"], "rows": {"kdas": label}}]
     # the joined row is the same statistic as if its runs had been a method of the first plan
-    direct = compare_methods.summarize(
+    direct = summarize(
         {**plan, "methods": ["none", "bad"], "seeds": [0, 1]},
         {k: v for k, v in results.items() if k in ("teacher", "none:0", "none:1", "bad:0")},
         n_resamples=2000,
@@ -619,22 +623,18 @@ def test_join_adds_another_plans_students_as_rows_paired_with_the_same_baseline(
     assert f"| {label} | kdas | test | mean Dice | -0.08" in report
     assert not (tmp_path / "a" / "results.md").exists()  # the first plan's own report is not replaced
 
-    other_teacher = compare_methods.make_plan(
-        "polyp_kdas", ["kdas"], data, tmp_path / "c", teacher_ckpt=files["polyp"], **settings
-    )
+    other_teacher = make_plan("polyp_kdas", ["kdas"], data, tmp_path / "c", teacher_ckpt=files["polyp"], **settings)
     with pytest.raises(SystemExit, match="their teachers differ"):
-        compare_methods.collect(tmp_path / "a", write=False, join=[other_teacher["out"]])
-    other_unit = compare_methods.make_plan(
+        collect(tmp_path / "a", write=False, join=[other_teacher["out"]])
+    other_unit = make_plan(
         "polyp_kdas", ["kdas"], data, tmp_path / "d", teacher_ckpt=files["zero"], **settings, hd95_unit="mm"
     )
     with pytest.raises(SystemExit, match="their hd95_unit differ"):
-        compare_methods.collect(tmp_path / "a", write=False, join=[other_unit["out"]])
+        collect(tmp_path / "a", write=False, join=[other_unit["out"]])
     with pytest.raises(SystemExit, match="already in the table"):
-        compare_methods.collect(tmp_path / "a", write=False, join=[tmp_path / "b", tmp_path / "b"])
+        collect(tmp_path / "a", write=False, join=[tmp_path / "b", tmp_path / "b"])
     with pytest.raises(SystemExit, match="add --collect"):
         compare_methods.main(["--out", str(tmp_path / "a"), "--only_job", "none:0", "--join", str(tmp_path / "b")])
     assert compare_methods.main(["--out", str(tmp_path / "a"), "--collect", "--join", str(tmp_path / "b")]) == 1
     long = {**plan_b, "override": {**plan_b["override"], "distill#schedule": {"_target_": "x" * 40}}}
-    assert (
-        compare_methods.join_label(plan_a, long, "kdas") == 'kdas [lr=0.01, distill#schedule={"_target_": "xxxxxxx...]'
-    )
+    assert join_label(plan_a, long, "kdas") == 'kdas [lr=0.01, distill#schedule={"_target_": "xxxxxxx...]'
