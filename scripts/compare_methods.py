@@ -84,7 +84,9 @@ Scale-out (every (method, seed) run is an independent job)
 
     Each job writes ``<out>/<method>/seed<k>/result.json`` (``<out>/teacher/result.json``) with its per-case,
     per-set metrics; ``--collect`` builds ``results.md`` / ``results.json`` / plots from the finished ones (missing
-    jobs are listed). ``--only_job`` and ``--collect`` read every setting from ``plan.json``. The default (no
+    jobs are listed). ``--only_job`` and ``--collect`` read every setting from ``plan.json``. ``--plan --extend``
+    with more ``--seeds`` or ``--methods`` (every other argument as before) grows the plan in ``--out`` and keeps its
+    id, so its finished jobs still count: a one-seed screen becomes a three-seed comparison. The default (no
     ``--plan``) writes the same plan and runs the jobs one after the other, then collects. Parallel jobs write to
     one MLflow store: the default ``sqlite:///<out>/mlruns.db`` is fine on one machine; across machines pass
     ``--tracking_uri`` (an MLflow server) at planning time, or ``--no_mlflow``.
@@ -282,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--override", nargs="*", default=[], help="more config overrides, key=value (JSON value)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="write <out>/plan.json and <out>/jobs.sh; train nothing")
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --plan: add methods or seeds to the plan already in --out (same other settings); its finished "
+        "jobs still count",
+    )
     mode.add_argument(
         "--only_job", default=None, metavar="JOB", help="run one job of <out>/plan.json: teacher or METHOD:SEED"
     )
@@ -298,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.join and not args.collect:
         raise SystemExit("--join adds rows to a --collect table: add --collect")
+    if args.extend and not args.plan:
+        raise SystemExit("--extend goes with --plan: it adds methods or seeds to the plan in --out")
     if args.only_job or args.collect:
         given = [f"--{a}" for a in PLAN_ARGUMENTS if getattr(args, a) is not None]
         given += ["--override"] if args.override else []
@@ -344,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **override,
     }
     if args.plan:
-        plan = make_plan(args.bundle, args.methods, args.dataset_dir, args.out, **settings)
+        plan = make_plan(args.bundle, args.methods, args.dataset_dir, args.out, extend=args.extend, **settings)
         path = _write_jobs_file(plan, args.threads)
         print(path.read_text(), end="")
         print(f"\nwritten: {Path(plan['out']) / PLAN_FILE}, {path}")

@@ -111,6 +111,7 @@ def make_plan(
     n_resamples: int = 10000,
     tracking_uri: str | None = None,
     deterministic: bool = True,
+    extend: bool = False,
     **override: Any,
 ) -> dict[str, Any]:
     """Check the settings of a comparison and write them to ``<out>/plan.json``; trains nothing.
@@ -134,6 +135,9 @@ def make_plan(
         n_resamples: bootstrap resamples of the CIs.
         tracking_uri: the MLflow store; None: ``sqlite:///<out>/mlruns.db``.
         deterministic: run the jobs with ``torch.use_deterministic_algorithms(True, warn_only=True)``.
+        extend: add methods or seeds to the plan already in ``out`` (e.g. two more seeds after a one-seed screen):
+            every other setting must be the same and every planned job must stay; the plan keeps its ``plan_id``, so
+            the jobs that have finished still count.
         override: config overrides shared by every stage (``epochs``, ``image_size``, ``batch_size``...).
 
     Returns:
@@ -199,9 +203,34 @@ def make_plan(
         "override": override,
         "out": str(out),
     }
-    plan["plan_id"] = _plan_id(plan)
+    plan["plan_id"] = _extended_plan_id(plan, out) if extend else _plan_id(plan)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
     return plan
+
+
+EXTENDABLE = ("methods", "seeds")
+"""The plan settings that ``extend`` may grow; any other change makes a new plan."""
+
+
+def _extended_plan_id(plan: Mapping[str, Any], out: Path) -> str:
+    """The ``plan_id`` of the plan in ``out`` that ``plan`` extends with more methods or seeds.
+
+    Raises:
+        SystemExit: when ``out`` has no plan, a setting other than the methods and seeds differs, or a planned
+            method or seed is left out.
+    """
+    old = read_plan(out)
+    new = json.loads(json.dumps(plan))  # the types the plan has once written
+    differ = sorted(k for k in {*new, *old} - {*EXTENDABLE, "plan_id"} if new.get(k) != old.get(k))
+    if differ:
+        raise SystemExit(
+            f"--extend: the plan in {out} has other {', '.join(differ)}; only --methods and --seeds can grow "
+            "(plan into a new --out to change anything else)"
+        )
+    dropped = [f"{k} {sorted(set(old[k]) - set(new[k]))}" for k in EXTENDABLE if not set(old[k]) <= set(new[k])]
+    if dropped:
+        raise SystemExit(f"--extend keeps every job of the plan in {out}: add back the {'; '.join(dropped)}")
+    return old["plan_id"]
 
 
 def read_plan(out: str | Path) -> dict[str, Any]:

@@ -638,3 +638,33 @@ def test_join_adds_another_plans_students_as_rows_paired_with_the_same_baseline(
     assert compare_methods.main(["--out", str(tmp_path / "a"), "--collect", "--join", str(tmp_path / "b")]) == 1
     long = {**plan_b, "override": {**plan_b["override"], "distill#schedule": {"_target_": "x" * 40}}}
     assert join_label(plan_a, long, "kdas") == 'kdas [lr=0.01, distill#schedule={"_target_": "xxxxxxx...]'
+
+
+def test_extend_adds_seeds_and_methods_and_keeps_the_finished_jobs(tmp_path):
+    """A one-seed screen grows to three seeds and one more method without re-running its job; any other change,
+    or dropping a planned job, is refused; --extend needs --plan."""
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=12, size=(32, 32), seed=0, overwrite=True)
+    fast = {"epochs": 1, "image_size": [32, 32], "batch_size": 4, "num_workers": 0, "track": False}
+    out = tmp_path / "out"
+    screen = make_plan("polyp_kdas", ["none"], data, out, seeds=[0], **fast)
+    run_job(out, "teacher")
+    run_job(out, "none:0")
+    grown = make_plan("polyp_kdas", ["none", "logit_kd"], data, out, seeds=[0, 1, 2], extend=True, **fast)
+    assert grown["plan_id"] == screen["plan_id"] and read_plan(out) == grown
+    assert plan_jobs(grown) == ["teacher", "none:0", "logit_kd:0", "none:1", "logit_kd:1", "none:2", "logit_kd:2"]
+    assert (
+        make_plan("polyp_kdas", ["none"], data, tmp_path / "fresh", seeds=[0, 1, 2], **fast)["plan_id"]
+        != (screen["plan_id"])
+    )  # without --extend the seeds are part of the plan's identity
+    missing = collect(out)["missing_jobs"]
+    assert "none:0" not in missing and "teacher" not in missing and "none:1" in missing
+    with pytest.raises(SystemExit, match="other override"):
+        make_plan("polyp_kdas", ["none"], data, out, seeds=[0, 1, 2], extend=True, **{**fast, "epochs": 2})
+    with pytest.raises(SystemExit, match=r"add back the seeds \[2\]"):
+        make_plan("polyp_kdas", ["none", "logit_kd"], data, out, seeds=[0, 1], extend=True, **fast)
+    assert read_plan(out) == grown  # a refused extension leaves the plan as it was
+    with pytest.raises(SystemExit, match="no plan.json"):
+        make_plan("polyp_kdas", ["none"], data, tmp_path / "empty", extend=True, **fast)
+    with pytest.raises(SystemExit, match="--extend goes with --plan"):
+        compare_methods.main(["--out", str(out), "--collect", "--extend"])
