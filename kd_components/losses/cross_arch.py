@@ -52,8 +52,9 @@ class StageSpaceLoss(nn.Module):
        over the grids ``g_k`` of ``grids`` (``None``: the full grid, no pooling; an int: adaptive average pooling
        to that size per axis, clipped to the feature's size) with weights ``w_k`` (default: full, 4, 2, 1 with
        weights 1, 1/2, 1/4, 1/8, halving as in TransKD). Dividing by ``Σ_k w_k`` keeps the scale of one MSE, so a
-       term's weight reads as a FitNet weight. TransKD's stage weights (0.1 for the patch embedding, up to 1 for the
-       last stage) are the terms' weights in the bundle, not part of this loss.
+       term's weight reads as a FitNet weight. Stage weights (TransKD's: 0.1 for the patch embedding, up to 1 for
+       the last stage; ``cardiac3d_swin`` uses a tenth of them) are the terms' weights in a bundle, not part of this
+       loss.
 
     Properties (tested): 0 when the normalised student equals the normalised teacher (e.g. ``student == teacher``);
     unchanged when either side is multiplied by a positive factor or shifted by a constant over its channels at
