@@ -4,7 +4,8 @@ Scenario (low-label regime, synthetic polyps generated locally, no download): a 
 parameters) was trained with the labels of every training image. A small student (UNet, 0.41 M, 6.3 %) is to be
 trained where only ``--labelled_fraction`` of those images (default 10 %) have labels. The student alone can only
 learn from the labelled images; the distilled student learns from them too and, through KDAS (the ``polyp_kdas``
-bundle's method), from the teacher's predictions on every training image. Both students take the same number of
+bundle's method) and the teacher's per-pixel answers (``semisupervised.json``'s ``pixel_kd``), from the teacher's
+predictions on every training image. Both students take the same number of
 optimizer steps (the labelled images are repeated to the length of the whole training list), with the same
 augmentations, epochs and seeds. The script prints the teacher, the student alone and the distilled student on
 the same test split, the difference with its 95 % paired bootstrap CI over test cases, and the fraction of the

@@ -266,12 +266,15 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
     repeated to the whole list's length (as many steps per epoch)."""
     setup = tiny(bundle)
     over = {**setup.student(tmp_path), "labelled_fraction": 0.5, "seed": 3}
+    split = make_workflow(bundle, ["train.json", "semisupervised.json"], **over).parser.get_parsed_content(
+        "labelled_split"
+    )
+    over["batch_size"] = len(split)  # one batch holds labelled and unlabelled samples: they must collate together
     wf = make_workflow(bundle, ["train.json", "semisupervised.json"], **over)
     wf.initialize()
-    split = wf.parser.get_parsed_content("labelled_split")
     assert sum(item["labelled"] for item in split) == round(0.5 * len(split))
     assert all(("label" in item) == item["labelled"] for item in split)
-    flags, foreground = [], 0
+    flags, foreground, mixed = [], 0, False
     for batch in wf.parser.get_parsed_content("train#dataloader"):
         labelled = batch["labelled"]
         assert labelled.dtype == torch.bool and labelled.shape == (len(batch["image"]),)
@@ -279,8 +282,16 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
         assert not batch["label"][~labelled].any(), "an unlabelled image's placeholder label is all background"
         foreground += int(batch["label"][labelled].sum())
         flags += labelled.tolist()
-    assert sorted(flags) == sorted(item["labelled"] for item in split), "one sample per image, each with its flag"
+        mixed = mixed or bool(labelled.any() and (~labelled).any())
+    per_image = len(flags) // len(split)  # patches drawn per image (one, or the bundle's patch count)
+    assert per_image >= 1 and len(flags) == per_image * len(split)
+    assert sorted(flags) == sorted(item["labelled"] for item in split for _ in range(per_image)), "each with its flag"
     assert foreground > 0, "the labelled images keep their labels"
+    assert mixed, "a batch mixed labelled and unlabelled samples"
+    dataset = wf.parser.get_parsed_content("train#dataset")
+    samples = [s for i in range(len(dataset)) for s in (dataset[i] if isinstance(dataset[i], list) else [dataset[i]])]
+    keys = {frozenset(sample) for sample in samples}
+    assert len(keys) == 1, f"labelled and unlabelled samples must have the same keys to collate in any order: {keys}"
     wf.run()
     wf.finalize()
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -288,6 +299,10 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
     assert trainer.state.metrics["train_labelled_fraction"] == pytest.approx(0.5, abs=0.5 / len(split))
     terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
     assert terms and all(np.isfinite(trainer.state.metrics[f"train_{name}"]) for name in terms)
+    method_terms = [t.name for t in wf.parser.get_parsed_content("distill#terms")]
+    assert terms == method_terms + ["pixel_kd"], "the teacher's per-pixel answers stand in for the missing labels"
+    without = make_workflow(bundle, ["train.json", "semisupervised.json"], **{**over, "pixel_kd_weight": 0})
+    assert [t.name for t in without.parser.get_parsed_content("distiller").terms] == method_terms
 
     base = make_workflow(
         bundle, ["train.json", "methods/none.json", "labelled_only.json"], **{**over, "ckpt_dir": str(tmp_path / "b")}
