@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .stages import BUNDLES, PARAPHRASER_CONFIG, _workflow, available_methods, method_configs
+from .tracking import _experiment_id, _tracking
 
 __all__ = ["PLAN_FILE", "PRIMARY_SET", "make_plan", "read_plan", "teacher_checkpoints", "ensemble_overrides"]
 
@@ -205,6 +206,10 @@ def make_plan(
     }
     plan["plan_id"] = _extended_plan_id(plan, out) if extend else _plan_id(plan)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    if plan["track"]:
+        # create the MLflow store and the experiment now, once: jobs started at the same moment on a new SQLite
+        # store race to create its tables, and all but one fail
+        _experiment_id(_tracking(plan), out / "mlruns")
     return plan
 
 

@@ -377,6 +377,20 @@ def test_plan_writes_one_command_per_job_and_collect_builds_the_tables(planned):
     assert all((out / f"results_{name}.png").stat().st_size > 0 for name in ("test", "a", "b"))
 
 
+def test_plan_creates_the_tracking_store_before_any_job(tmp_path):
+    """``--plan`` creates the MLflow store and the comparison's experiment, so jobs started at the same moment never
+    race to create a new SQLite store's tables (one of two such jobs failed before); with ``--no_mlflow`` no store."""
+    data = tmp_path / "data"
+    make_synthetic_polyps(data, n=8, size=(32, 32), seed=0, overwrite=True)
+    common = ["--bundle", "polyp_kdas", "--methods", "none", "--dataset_dir", str(data), "--image_size", "32", "32"]
+    assert compare_methods.main([*common, "--out", str(tmp_path / "off"), "--no_mlflow", "--plan"]) == 0
+    assert not (tmp_path / "off" / "mlruns.db").exists()
+    assert compare_methods.main([*common, "--out", str(tmp_path / "on"), "--plan"]) == 0
+    plan = json.loads((tmp_path / "on" / "plan.json").read_text())
+    experiment = MlflowClient(plan["tracking_uri"]).get_experiment_by_name(plan["experiment_name"])
+    assert experiment is not None and experiment.artifact_location.endswith("mlruns")
+
+
 def test_eval_sets_evaluate_every_model_on_their_test_split_or_whole(planned):
     out, sets = planned["out"], planned["sets"]
     results = json.loads((out / "results.json").read_text())
