@@ -266,11 +266,9 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
     repeated to the whole list's length (as many steps per epoch)."""
     setup = tiny(bundle)
     over = {**setup.student(tmp_path), "labelled_fraction": 0.5, "seed": 3}
-    split = make_workflow(bundle, ["train.json", "semisupervised.json"], **over).parser.get_parsed_content(
-        "labelled_split"
-    )
-    over["batch_size"] = len(split)  # one batch holds labelled and unlabelled samples: they must collate together
     wf = make_workflow(bundle, ["train.json", "semisupervised.json"], **over)
+    split = wf.parser.get_parsed_content("labelled_split")
+    wf.parser["batch_size"] = len(split)  # one batch holds labelled and unlabelled samples: they must collate together
     wf.initialize()
     assert sum(item["labelled"] for item in split) == round(0.5 * len(split))
     assert all(("label" in item) == item["labelled"] for item in split)
@@ -289,7 +287,10 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
     assert foreground > 0, "the labelled images keep their labels"
     assert mixed, "a batch mixed labelled and unlabelled samples"
     dataset = wf.parser.get_parsed_content("train#dataset")
-    samples = [s for i in range(len(dataset)) for s in (dataset[i] if isinstance(dataset[i], list) else [dataset[i]])]
+    samples = []
+    for i in range(len(dataset)):
+        item = dataset[i]  # one fetch: the random transforms run once per item
+        samples += item if isinstance(item, list) else [item]
     keys = {frozenset(sample) for sample in samples}
     assert len(keys) == 1, f"labelled and unlabelled samples must have the same keys to collate in any order: {keys}"
     wf.run()

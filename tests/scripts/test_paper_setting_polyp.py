@@ -1,4 +1,4 @@
-"""scripts/paper_setting_polyp.sh: the GPU orchestration script parses and refuses a call without its arguments.
+"""scripts/paper_setting_polyp.sh: the GPU orchestration script parses, and refuses bad calls before any training.
 
 Its runs (data preparation, plan, jobs, collect) are the comparison runner's, tested in test_compare_methods.py; a
 whole trial (``TRIAL=1``) takes minutes, so it is checked by hand (see the script's header), not here.
