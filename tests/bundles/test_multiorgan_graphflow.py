@@ -314,7 +314,11 @@ def test_semisupervised_split_by_patient_with_mlflow(teacher_run, paraphraser_ru
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     run = next(r for r in runs if "train_graph_flow" in r.data.metrics)
     assert {"train_adversarial", "train_logit_kd", "train_supervised", "val_mean_dice"} <= set(run.data.metrics)
-    assert run.data.params["kd.terms"] == "graph_flow,adversarial,logit_kd"
+    assert run.data.params["kd.terms"] == "graph_flow,adversarial,logit_kd,pixel_kd"
+    assert np.isfinite(trainer.state.metrics["train_pixel_kd"]), "the teacher's per-pixel answers on every slice"
+    without = make_workflow(BUNDLE, ["train.json", "train_semisupervised.json"], **{**over, "pixel_kd_weight": 0})
+    names = [t.name for t in without.parser.get_parsed_content("distiller").terms]
+    assert names == ["graph_flow", "adversarial", "logit_kd"], "pixel_kd_weight 0: Graph Flow's own terms (0.2.0)"
 
     baseline = run_workflow(
         BUNDLE, ["train.json", "methods/none.json", "labelled_only.json"], **{**over, "ckpt_dir": str(tmp_path / "b")}
