@@ -27,6 +27,7 @@ from .logit import ChannelWiseDistillationLoss as ChannelWiseDistillationLoss
 from .logit import DISTLoss as DISTLoss
 from .logit import LogitKDLoss as LogitKDLoss
 from .logit import PixelWiseKDLoss as PixelWiseKDLoss
+from .pseudo_label import PseudoLabelLoss as PseudoLabelLoss
 from .region import EMKDRegionAffinityLoss as EMKDRegionAffinityLoss
 from .region import IFVDLoss as IFVDLoss
 from .region import InterClassDistanceLoss as InterClassDistanceLoss
