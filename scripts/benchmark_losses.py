@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.losses import DiceCELoss
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +127,9 @@ SPECS: list[LossSpec] = [
     LossSpec("PixelWiseKDLoss", lambda s, g: losses.PixelWiseKDLoss(), "logits"),
     LossSpec("ChannelWiseDistillationLoss", lambda s, g: losses.ChannelWiseDistillationLoss(), "logits"),
     LossSpec("DISTLoss", lambda s, g: losses.DISTLoss(), "logits"),
+    LossSpec(
+        "PseudoLabelLoss", lambda s, g: losses.PseudoLabelLoss(DiceCELoss(to_onehot_y=True, softmax=True)), "logits"
+    ),
     LossSpec(
         "KDASAttentionLoss",
         lambda s, g: losses.KDASAttentionLoss(**_kwargs_grid(g)),
