@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["autocast_off", "check_spatial", "clip_grid", "adaptive_pool"]
+__all__ = ["autocast_off", "check_spatial", "check_logit_pair", "clip_grid", "adaptive_pool"]
 
 
 def autocast_off(x: torch.Tensor) -> torch.autocast:
@@ -20,6 +20,15 @@ def check_spatial(x: torch.Tensor, name: str) -> int:
     if x.dim() not in (3, 4, 5):
         raise ValueError(f"{name} must be shaped (B, C, *spatial) with 1, 2 or 3 spatial dims, got {tuple(x.shape)}")
     return x.dim() - 2
+
+
+def check_logit_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Raise unless ``student`` is shaped ``(B, K, *S)`` with 1 to 3 spatial dims and ``teacher`` has its shape."""
+    check_spatial(student, "student")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} logits must have the same shape"
+        )
 
 
 def clip_grid(grid: int | Sequence[int], *spatial_shapes: Sequence[int]) -> tuple[int, ...]:

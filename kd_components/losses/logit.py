@@ -7,17 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_components.losses._grid import check_spatial
+from kd_components.losses._grid import check_logit_pair
 
 __all__ = ["LogitKDLoss", "PixelWiseKDLoss", "ChannelWiseDistillationLoss", "DISTLoss"]
-
-
-def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    check_spatial(student, "student")
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} logits must have the same shape"
-        )
 
 
 def class_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,7 +55,7 @@ class LogitKDLoss(nn.Module):
         Returns:
             the scalar loss.
         """
-        _check_pair(student, teacher)
+        check_logit_pair(student, teacher)
         teacher = teacher.detach()
         log_p_s = class_log_probs(student, self.temperature)
         log_p_t = class_log_probs(teacher, self.temperature)
@@ -118,7 +110,7 @@ class ChannelWiseDistillationLoss(nn.Module):
         Returns:
             the scalar loss.
         """
-        _check_pair(student, teacher)
+        check_logit_pair(student, teacher)
         teacher = teacher.detach()
         log_q_s = torch.log_softmax(student.float().flatten(2) / self.temperature, dim=-1)
         log_q_t = torch.log_softmax(teacher.float().flatten(2) / self.temperature, dim=-1)
@@ -175,7 +167,7 @@ class DISTLoss(nn.Module):
         Returns:
             the scalar loss.
         """
-        _check_pair(student, teacher)
+        check_logit_pair(student, teacher)
         teacher = teacher.detach()
         if student.shape[1] <= 2:
             return self._two_class(student, teacher)

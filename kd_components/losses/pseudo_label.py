@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kd_components.losses._grid import check_spatial
+from kd_components.losses._grid import check_logit_pair, check_spatial
 
 __all__ = ["PseudoLabelLoss", "teacher_mask"]
 
@@ -58,9 +58,5 @@ class PseudoLabelLoss(nn.Module):
         Returns:
             the scalar ``loss(student, teacher_mask(teacher))``.
         """
-        check_spatial(student, "student")
-        if student.shape != teacher.shape:
-            raise ValueError(
-                f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} logits must have the same shape"
-            )
-        return self.loss(student, teacher_mask(teacher.detach()))
+        check_logit_pair(student, teacher)
+        return self.loss(student, teacher_mask(teacher))
