@@ -254,7 +254,7 @@ image, supervision on a seeded ``labelled_fraction`` of them) and ``labelled_onl
 
 
 def test_the_low_label_overrides_come_in_pairs():
-    assert {"polyp_kdas", "vessel_lightvessel"} <= set(SEMI_SUPERVISED)
+    assert {"polyp_kdas", "pathology_coco", "multiorgan_graphflow", "vessel_lightvessel"} <= set(SEMI_SUPERVISED)
     assert all((BUNDLES / name / "configs" / "labelled_only.json").is_file() for name in SEMI_SUPERVISED)
 
 
