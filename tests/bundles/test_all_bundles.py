@@ -322,7 +322,9 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
     data = base.parser.get_parsed_content("train#dataset").data
     assert {d["image"] for d in data} == {item["image"] for item in split if item["labelled"]}
     assert len(data) == len(split), "repeated to the whole list's length: as many steps per epoch"
-    assert base.parser.get_parsed_content("train#trainer").teacher is None
+    baseline = base.parser.get_parsed_content("train#trainer")  # the same trainer: no teacher, no terms, no critic
+    assert baseline.teacher is None and baseline.discriminators is None
+    assert baseline.distillation_settings()["kd.terms"] == ""
 
 
 DDP_BATCH = {
