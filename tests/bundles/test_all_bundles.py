@@ -323,8 +323,12 @@ def test_semisupervised_supervises_the_labelled_images_and_distils_on_all(bundle
     assert {d["image"] for d in data} == {item["image"] for item in split if item["labelled"]}
     assert len(data) == len(split), "repeated to the whole list's length: as many steps per epoch"
     baseline = base.parser.get_parsed_content("train#trainer")  # the same trainer: no teacher, no terms, no critic
+    assert type(baseline).__name__ == "DistillationTrainer"
     assert baseline.teacher is None and baseline.discriminators is None
     assert baseline.distillation_settings()["kd.terms"] == ""
+    base.run()
+    base.finalize()
+    assert np.isfinite(baseline.state.metrics["train_supervised"]), "the baseline trains on its labelled images"
 
 
 DDP_BATCH = {
